@@ -1,0 +1,83 @@
+"""Build the pieces of a run from its config: intervals, diffusion, model (+ transforms), plan.
+
+Used by the training loop, by sampling and by evaluation, so a checkpoint is always rebuilt with
+the same code path that trained it.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from trainers.config import RunConfig
+from trainers.diffusion import GaussianDiffusion
+from trainers.diffusion.schedule import snr as snr_of
+from trainers.errors import ConfigError, DataError
+from trainers.methods import BuildContext, Intervals, Plan, compose, resolve_intervals
+from trainers.models import build_model, model_spec
+
+__all__ = ["resolve_run_intervals", "build_diffusion", "build_network", "build_context", "load_affinity"]
+
+
+def load_affinity(path: str) -> np.ndarray:
+    """Task-affinity matrix [T, T] from a local ``.npz`` written by ``denoiselab affinity``."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"intervals.artifact: {path} not found; run `denoiselab affinity` first "
+                        f"or point at its tas.npz")
+    try:
+        with np.load(p) as data:
+            return np.asarray(data["tas"], dtype=np.float64)
+    except (KeyError, ValueError, OSError) as err:
+        raise DataError(f"intervals.artifact: {path} is not a task-affinity artifact ({err})") from None
+
+
+def resolve_run_intervals(cfg: RunConfig, tas: Optional[np.ndarray] = None) -> tuple[Intervals, float]:
+    icfg, steps = cfg.intervals, cfg.diffusion.steps
+    snr = snr_of(cfg.diffusion.schedule, steps)
+    if icfg.rule == "affinity":
+        tas = tas if tas is not None else load_affinity(icfg.artifact)
+        if tas.shape != (steps, steps):
+            raise ConfigError(f"intervals.artifact: affinity matrix is {tas.shape}, expected "
+                              f"({steps}, {steps}) for diffusion.steps={steps}")
+    pairs = [tuple(p) for p in icfg.pairs] if icfg.pairs else None
+    count = len(pairs) if icfg.rule == "explicit" else icfg.count
+    return resolve_intervals(icfg.rule, steps, count, snr=snr, tas=tas, pairs=pairs, min_width=icfg.min_width)
+
+
+def build_diffusion(cfg: RunConfig) -> GaussianDiffusion:
+    return GaussianDiffusion.from_config(cfg.diffusion.schedule, cfg.diffusion.steps, cfg.diffusion.learn_sigma)
+
+
+def build_context(cfg: RunConfig, intervals: Intervals, world_size: int) -> BuildContext:
+    return BuildContext(intervals=intervals, num_timesteps=cfg.diffusion.steps,
+                        snr=snr_of(cfg.diffusion.schedule, cfg.diffusion.steps),
+                        local_batch=cfg.train.batch_size // world_size, world_size=world_size,
+                        seed=cfg.train.seed)
+
+
+def build_network(cfg: RunConfig, *, image_size: int, channels: int, num_classes: int,
+                  plan: Plan, ctx: BuildContext, seed: int) -> tuple[torch.nn.Module, dict]:
+    """The network with every model transform applied, and its spec as a plain dict."""
+    spec = model_spec(cfg.model, image_size=image_size, channels=channels, num_classes=num_classes,
+                      learn_sigma=cfg.diffusion.learn_sigma)
+    torch.manual_seed(seed)                      # identical initial weights on every rank
+    model = build_model(spec)
+    for transform in plan.transforms:
+        model = transform.apply(model, ctx)
+    return model, asdict(spec)
+
+
+def build_all(cfg: RunConfig, *, image_size: int, channels: int, num_classes: int, world_size: int = 1,
+              device: str | torch.device = "cpu", intervals: Optional[Intervals] = None):
+    """Convenience for sampling/evaluation: (model, diffusion, plan, intervals, spec)."""
+    if intervals is None:
+        intervals, _ = resolve_run_intervals(cfg)
+    ctx = build_context(cfg, intervals, world_size)
+    plan = compose(cfg.methods, ctx, device)
+    model, spec = build_network(cfg, image_size=image_size, channels=channels, num_classes=num_classes,
+                                plan=plan, ctx=ctx, seed=cfg.train.seed)
+    return model, build_diffusion(cfg), plan, intervals, spec

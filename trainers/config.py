@@ -1,0 +1,228 @@
+"""The run configuration: one frozen dataclass per section, loaded strictly.
+
+A run config is a plain mapping (usually YAML, see ``orchestrator/experiments/*.yaml``)::
+
+    model: {name: DiT-T/2}
+    diffusion: {schedule: linear, steps: 1000}
+    intervals: {rule: uniform, count: 8}
+    methods: {dtr: {active_ratio: 0.8, alpha: 4.0}, ant: {mtl: uw}}
+    train: {steps: 400000, batch_size: 256}
+
+Method sections live next to their code (``trainers/methods/*``); this module binds them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from trainers.configlib import apply_overrides, from_dict, to_dict
+from trainers.errors import ConfigError
+from trainers.methods.config import MethodsConfig
+
+__all__ = [
+    "RunConfig", "ModelConfig", "DiffusionConfig", "DataConfig", "IntervalsConfig", "LossConfig",
+    "TrainConfig", "SampleConfig", "EvalConfig", "ScalingConfig", "StorageConfig",
+    "TrackingConfig", "load_config", "run_name_for",
+]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "DiT-T/2"          # DiT-{N,T,S,B,L,XL}/{2,4,8}; N and T are CPU-sized
+    class_dropout: float = 0.1     # label dropout for classifier-free guidance
+    hidden_size: Optional[int] = None   # optional overrides of the named size
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ConfigError("model.class_dropout: must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    schedule: Literal["linear", "cosine"] = "linear"
+    steps: int = 1000
+    learn_sigma: bool = True       # DiT convention: learned variance, loss = mse + vb
+
+    def __post_init__(self) -> None:
+        if self.steps < 2:
+            raise ConfigError("diffusion.steps: need at least 2 timesteps")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: Literal["digits", "shapes", "parquet"] = "digits"
+    path: Optional[str] = None     # parquet: local directory or s3://bucket/prefix
+    image_size: int = 16           # shapes only (digits are 8x8; parquet is read as stored)
+    num_classes: int = 4           # shapes only
+    num_samples: int = 4096        # shapes only
+    seed: int = 0
+    flip: bool = False             # random horizontal flip
+    conditional: bool = True       # use class labels when the dataset has them
+
+    def __post_init__(self) -> None:
+        if self.name == "parquet" and not self.path:
+            raise ConfigError("data.path: required when data.name is parquet (a directory or s3:// URI)")
+        if self.image_size < 4:
+            raise ConfigError("data.image_size: must be at least 4")
+
+
+@dataclass(frozen=True)
+class IntervalsConfig:
+    """The timestep partition shared by ANT, the curriculum and MEME (ARCHITECTURE.md §4)."""
+    rule: Literal["uniform", "timestep", "snr", "log-snr", "affinity", "explicit"] = "uniform"
+    count: int = 5
+    min_width: int = 1
+    pairs: Optional[tuple[tuple[int, int], ...]] = None   # explicit: [[lo, hi), ...]
+    artifact: Optional[str] = None                        # affinity: path/URI of a TAS artifact
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ConfigError("intervals.count: must be >= 1")
+        if self.rule == "explicit" and not self.pairs:
+            raise ConfigError("intervals.pairs: required for rule explicit, e.g. [[0, 500], [500, 1000]]")
+        if self.rule == "affinity" and not self.artifact:
+            raise ConfigError("intervals.artifact: required for rule affinity; make one with `denoiselab affinity`")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    weighting: Literal["constant", "min_snr", "p2"] = "constant"
+    gamma: float = 5.0             # min_snr: γ; p2: exponent γ
+    p2_k: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64           # global batch, split evenly across workers
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0         # 0 disables
+    ema_decay: float = 0.9999
+    seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"   # autocast only on CUDA
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    sample_every: int = 0          # 0 = only at the end
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError("train.lr: must be > 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError("train.ema_decay: must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    steps: int = 50
+    guidance: float = 1.0          # classifier-free guidance scale; 1 disables
+    n: int = 64
+    eta: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0                 # 0 = only at the end (when n > 0)
+    n: int = 0                     # samples per evaluation; 0 disables
+    steps: int = 50
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError("scaling.num_workers: must be >= 1")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    path: str = "./runs"           # local directory or s3://bucket/prefix
+    endpoint: Optional[str] = None # S3-compatible endpoint, e.g. http://127.0.0.1:9000
+    region: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: Optional[str] = None      # default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    experiment: str = "denoiselab"
+    system_metrics: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: Optional[str] = None     # default: derived deterministically from the config
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    intervals: IntervalsConfig = field(default_factory=IntervalsConfig)
+    methods: MethodsConfig = field(default_factory=MethodsConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    init_from: Optional[str] = None   # start a NEW run from this checkpoint's weights
+
+    def __post_init__(self) -> None:
+        if self.train.batch_size % self.scaling.num_workers:
+            raise ConfigError(
+                f"train.batch_size: {self.train.batch_size} is not divisible by "
+                f"scaling.num_workers={self.scaling.num_workers}; pick a multiple")
+        if self.intervals.count > self.diffusion.steps:
+            raise ConfigError(
+                f"intervals.count: {self.intervals.count} intervals cannot partition "
+                f"{self.diffusion.steps} timesteps; use at most diffusion.steps")
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.train.batch_size // self.scaling.num_workers
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def replace(self, **sections) -> "RunConfig":
+        return dataclasses.replace(self, **sections)
+
+
+def load_config(data: dict | None, overrides: list[str] | dict | None = None) -> RunConfig:
+    """Raw mapping (+ dotted overrides) -> validated :class:`RunConfig`."""
+    data = dict(data or {})
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return from_dict(RunConfig, data)
+
+
+def run_name_for(cfg: RunConfig) -> str:
+    """Deterministic run name: the explicit ``name``, else a hash of the training-relevant config.
+
+    Sections that do not change what is trained (tracking, storage, scaling resources) are
+    left out, so the same experiment relaunched elsewhere resumes under the same name.
+    """
+    if cfg.name:
+        return cfg.name
+    payload = cfg.to_dict()
+    for key in ("name", "tracking", "storage", "sample", "eval"):
+        payload.pop(key, None)
+    digest = hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
+    model = cfg.model.name.replace("/", "").lower()
+    return f"{cfg.data.name}-{model}-{digest}"

@@ -1,0 +1,129 @@
+"""Gradient combiners (hook H5): how per-interval losses become ``.grad``.
+
+* sum: backward of the weighter's scalar (DDP syncs gradients).
+* PCGrad (Yu et al. 2020; ANT METHODS.md §1.4b): per-interval gradients, projected onto the normal
+  plane of conflicting originals in a freshly shuffled order, averaged.
+* Nash-MTL (Navon et al. 2022; METHODS.md §1.4c): weights α with (GGᵀ)α = 1/α refreshed every
+  ``every`` steps; update Σ α_k g_k / K, then the global gradient norm is clipped.
+
+PCGrad and Nash need per-interval gradients, which DDP does not sync when they come from
+``torch.autograd.grad``: each rank computes its surrogate gradients, they are averaged through the
+Runtime explicitly, and every rank combines the identical matrix (ARCHITECTURE.md §5.1). The
+shuffle generator is seeded from (seed, step) so all ranks shuffle alike.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from trainers.methods.mtl.nash import nash_weights
+from trainers.methods.mtl.pcgrad import pcgrad
+
+__all__ = ["SumCombiner", "PCGradCombiner", "NashCombiner", "interval_gradients", "write_gradient"]
+
+
+def interval_gradients(task_loss: torch.Tensor, active: torch.Tensor, params: list[nn.Parameter],
+                       runtime: Any) -> torch.Tensor:
+    """[K, P] gradients of each interval's (surrogate) loss, averaged across ranks."""
+    rows = []
+    num_params = sum(p.numel() for p in params)
+    for k in range(len(task_loss)):
+        if not bool(active[k]):
+            rows.append(torch.zeros(num_params, device=task_loss.device))
+            continue
+        grads = torch.autograd.grad(task_loss[k], params, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                               for g, p in zip(grads, params)]))
+    grads = torch.stack(rows)                                                        # [K, P]
+    return runtime.all_reduce(grads, op="mean") if runtime.world_size > 1 else grads
+
+
+def write_gradient(flat: torch.Tensor, params: list[nn.Parameter]) -> None:
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+class SumCombiner:
+    name = "sum"
+
+    def manual_sync(self, step: int) -> bool:
+        return False
+
+    def combine(self, step, task_loss, task_count, active, weighter, params, runtime) -> dict[str, float]:
+        weighter.reduce(task_loss, task_count, active).backward()
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+
+class PCGradCombiner(SumCombiner):
+    name = "pcgrad"
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def manual_sync(self, step: int) -> bool:
+        return True
+
+    def combine(self, step, task_loss, task_count, active, weighter, params, runtime) -> dict[str, float]:
+        grads = interval_gradients(task_loss, active, params, runtime)               # [K, P]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        write_gradient(pcgrad(grads[active], generator=gen), params)
+        return {}
+
+
+class NashCombiner(SumCombiner):
+    name = "nash"
+
+    def __init__(self, num_intervals: int, every: int, max_norm: float):
+        self.every, self.max_norm = every, max_norm
+        self.alpha = np.ones(num_intervals)
+        self.failures = 0
+
+    def manual_sync(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def combine(self, step, task_loss, task_count, active, weighter, params, runtime) -> dict[str, float]:
+        k = len(task_loss)
+        act = active.cpu().numpy().astype(bool)
+        if self.manual_sync(step):
+            grads = interval_gradients(task_loss, active, params, runtime)           # [K, P]
+            sub = grads[active]
+            gram = (sub @ sub.T).double().cpu().numpy()
+            new = nash_weights(gram, init=self.alpha[act])
+            if new is None:
+                self.failures += 1                                                # keep the previous α
+            else:
+                self.alpha[act] = new
+            alpha = torch.as_tensor(self.alpha * act, dtype=grads.dtype, device=grads.device)
+            write_gradient((alpha[:, None] * grads).sum(0) / k, params)
+        else:
+            alpha = torch.as_tensor(self.alpha * act, dtype=task_loss.dtype, device=task_loss.device)
+            ((alpha * task_loss).sum() / k).backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        return {"nash/grad_norm_preclip": float(norm)}
+
+    def state_dict(self) -> dict:
+        return {"alpha": torch.as_tensor(self.alpha), "failures": self.failures}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.alpha = state["alpha"].double().numpy().copy()
+        self.failures = int(state.get("failures", 0))
+
+    def metrics(self) -> dict[str, float]:
+        out = {f"nash/alpha_{i}": float(a) for i, a in enumerate(self.alpha)}
+        out["nash/solver_failures"] = float(self.failures)
+        return out

@@ -1,0 +1,155 @@
+"""The one place where the per-step order of the method slots is written (ARCHITECTURE.md §4).
+
+    t          = sampler.sample(...)                 H1 (ANT stratified / curriculum)
+    x_t        = q_sample(x0, t, ε)
+    out        = model(x_t, t, y)                    H2 (DTR inside the blocks)
+    ℓ_n        = w(t)·mse_n + vb_n                   H3 (Min-SNR / P2), per sample [N]
+    S_k, C_k   = per-interval sums and counts        (one all-reduce for counts + metrics)
+    .grad      = combiner(weighter, S/C)             H4 (mean / UW), H5 (sum / PCGrad / Nash)
+    optimizer.step(); ema.update(); sampler.observe(global loss)   H6 (pacing)
+
+All randomness of step k (t, ε, label dropout) is drawn for the GLOBAL batch from a generator
+seeded by (seed, k); each rank keeps its slice. Resume therefore needs no RNG state, and a run's
+randomness does not depend on when it was interrupted.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from trainers.diffusion import GaussianDiffusion
+from trainers.diffusion.weighting import loss_weight
+from trainers.ema import EMA
+from trainers.methods import Intervals, Plan
+from trainers.runtime import Runtime, sync_gradients
+
+__all__ = ["TrainState", "train_step", "step_generator", "draw_randomness", "sample_weight", "ScaledWeighter"]
+
+
+@dataclass
+class TrainState:
+    model: torch.nn.Module            # possibly DDP-wrapped
+    raw_model: torch.nn.Module        # the network itself
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[Any]             # torch.amp.GradScaler for fp16, else None
+    diffusion: GaussianDiffusion
+    plan: Plan
+    intervals: Intervals
+    runtime: Runtime
+    cfg: Any                          # RunConfig
+    null_class: Optional[int]         # label index for "no class" (CFG), None if unconditional
+    step: int = 0
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.raw_model.parameters() if p.requires_grad]
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
+
+
+def draw_randomness(state: TrainState, step: int, local_n: int, shape: tuple[int, ...]):
+    """(t [n], ε [n, ...], drop [n]) for this rank, sliced from the global draw of step ``step``."""
+    rt = state.runtime
+    gen = step_generator(state.cfg.train.seed, step)
+    t = torch.cat([state.plan.sampler.sample(local_n, gen) for _ in range(rt.world_size)])
+    eps = torch.randn((local_n * rt.world_size, *shape), generator=gen)
+    drop = torch.rand(local_n * rt.world_size, generator=gen) < state.cfg.model.class_dropout
+    sl = slice(rt.rank * local_n, (rt.rank + 1) * local_n)
+    return t[sl], eps[sl], drop[sl]
+
+
+def _autocast(state: TrainState):
+    precision, device = state.cfg.train.precision, state.runtime.device
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def sample_weight(lcfg, snr_t: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight on the MSE part (METHODS.md §1.4d; the vb term is never weighted)."""
+    params = {"constant": {}, "min_snr": {"gamma": lcfg.gamma}, "p2": {"gamma": lcfg.gamma, "k": lcfg.p2_k}}
+    return loss_weight(lcfg.weighting, snr_t, **params[lcfg.weighting])
+
+
+def _per_sample_loss(state: TrainState, x0, y, step: int):
+    dev = state.runtime.device
+    t, eps, drop = draw_randomness(state, step, x0.shape[0], tuple(x0.shape[1:]))
+    x0, t, eps = x0.to(dev, non_blocking=True), t.to(dev), eps.to(dev)
+    if y is not None and state.null_class is not None:
+        y = torch.where(drop.to(dev), torch.full_like(y.to(dev), state.null_class), y.to(dev))
+    xt = state.diffusion.q_sample(x0, t, eps)
+    with _autocast(state):
+        out = state.model(xt, t, y)
+    terms = state.diffusion.training_losses(out.float(), x0, xt, t, eps)
+    w = sample_weight(state.cfg.loss, state.diffusion.snr.to(dev)[t].float())  # [N], H3
+    return w * terms.mse + terms.vb, terms, t                                  # [N]
+
+
+class ScaledWeighter:
+    """fp16: the weighter's scalar goes through the GradScaler before backward."""
+
+    def __init__(self, inner, scaler):
+        self.inner, self.scaler = inner, scaler
+
+    def reduce(self, task_loss, task_count, active):
+        return self.scaler.scale(self.inner.reduce(task_loss, task_count, active))
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def _optimizer_step(state: TrainState) -> float:
+    params = state.trainable()
+    if state.scaler is not None:
+        state.scaler.unscale_(state.optimizer)
+    clip = state.cfg.train.grad_clip
+    grads = [p.grad for p in params if p.grad is not None]
+    if clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else torch.zeros(())
+    if state.scaler is not None:
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:
+        state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def train_step(state: TrainState, x0: torch.Tensor, y: Optional[torch.Tensor], step: int) -> dict[str, float]:
+    """One optimisation step on this rank's batch; returns global metrics (identical on ranks)."""
+    rt, plan, k = state.runtime, state.plan, state.intervals.num_intervals
+    manual = plan.combiner.manual_sync(step) and rt.world_size > 1
+    with (rt.no_sync(state.model) if manual else contextlib.nullcontext()):
+        loss_n, terms, t = _per_sample_loss(state, x0, y, step)
+        task = state.intervals.task_id(t)                                        # [N]
+        sums = torch.zeros(k, device=loss_n.device).index_add(0, task, loss_n)   # [K], differentiable
+        local = torch.stack([torch.bincount(task, minlength=k).float(), sums.detach(),
+                             torch.zeros(k, device=loss_n.device).index_add(0, task, terms.mse.detach()),
+                             torch.zeros(k, device=loss_n.device).index_add(0, task, terms.vb.detach())])
+        glob = rt.all_reduce(local.clone(), op="sum")                             # [4, K]
+        counts = glob[0]
+        active = plan.sampler.active_intervals().to(counts.device) & (counts > 0)
+        task_loss = rt.world_size * sums / counts.clamp(min=1.0)                  # surrogate, see weighters.py
+        weighter = plan.weighter if state.scaler is None else ScaledWeighter(plan.weighter, state.scaler)
+        stats = plan.combiner.combine(step, task_loss, counts, active, weighter, state.trainable(), rt)
+    plan.weighter.after_backward(active)
+    extra = [p for g in plan.weighter.param_groups() for p in g["params"]]
+    sync_gradients(extra, rt)
+    grad_norm = _optimizer_step(state)
+    state.ema.update(state.raw_model)
+    n = counts.sum().clamp(min=1.0)
+    metrics = {"loss": float(glob[1].sum() / n), "mse": float(glob[2].sum() / n), "vb": float(glob[3].sum() / n),
+               "grad_norm": grad_norm, "lr": state.optimizer.param_groups[0]["lr"], **stats}
+    for i in range(k):
+        if counts[i] > 0:
+            metrics[f"interval/loss_{i}"] = float(glob[1][i] / counts[i])
+    plan.sampler.observe(metrics["mse"])
+    state.step = step + 1
+    return metrics
