@@ -223,6 +223,8 @@ def run_name_for(cfg: RunConfig) -> str:
     payload = cfg.to_dict()
     for key in ("name", "tracking", "storage", "sample", "eval"):
         payload.pop(key, None)
+    for key in ("cpus_per_worker", "resources_per_worker", "placement_strategy", "max_failures"):
+        payload["scaling"].pop(key, None)         # where it runs, not what it trains
     digest = hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
     model = cfg.model.name.replace("/", "").lower()
     return f"{cfg.data.name}-{model}-{digest}"

@@ -55,7 +55,7 @@ class ProgressLine:
         if self.tty:
             self.stream.write("\r" + line.ljust(78))
             self.stream.flush()
-        elif self._calls % self.every == 1 or step == self.total:
+        elif (self._calls - 1) % self.every == 0 or step == self.total:
             self.stream.write(line + "\n")
 
     def close(self) -> None:

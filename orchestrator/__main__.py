@@ -1,0 +1,4 @@
+"""``python -m orchestrator`` == ``denoiselab``."""
+from orchestrator.cli import main
+
+raise SystemExit(main())

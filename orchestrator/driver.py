@@ -1,0 +1,284 @@
+"""The training driver: config -> checks -> Ray Train ``TorchTrainer`` -> summary.
+
+Checks that can fail fast (storage, tracking server, config) run before Ray starts any worker.
+The run name is deterministic (``run_name_for``), so re-running the same command with the same
+storage resumes from the latest checkpoint (Ray Train V2 reads
+``NAME/checkpoint_manager_snapshot.json``) and appends to the same MLflow run.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+from orchestrator.checkpoints import resolve_checkpoint
+from orchestrator.config_io import dump_yaml
+from orchestrator.data_io import read_metadata
+from orchestrator.storage import CREDENTIAL_VARS, Storage, StorageError, open_storage
+from orchestrator.tracking import (check_tracking, ensure_experiment, find_or_create_run, log_params,
+                                   resolve_tracking_uri)
+from trainers.build import load_affinity, resolve_run_intervals
+from trainers.config import RunConfig, load_config, run_name_for
+from trainers.configlib import flatten
+from trainers.errors import ConfigError, UserError
+
+__all__ = ["TrainRequest", "TrainOutcome", "run_training", "connect_ray", "prepare_run", "worker_env"]
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    config: RunConfig
+    address: Optional[str] = None      # None = local Ray; "auto", "ray://host:10001", "host:6379"
+    restart: bool = False              # new run (new name) from the same config
+    register: Optional[str] = None     # register the final checkpoint as this MLflow model
+    parent_run_id: Optional[str] = None
+    quiet: bool = False
+
+
+@dataclass
+class TrainOutcome:
+    run_name: str
+    run_id: str
+    tracking_uri: str
+    checkpoint_uri: Optional[str]
+    resumed: bool
+    storage_uri: str
+    metrics: dict[str, Any]
+
+
+def worker_env() -> dict[str, str]:
+    """Variables every node needs: credentials and endpoints (values never logged)."""
+    names = CREDENTIAL_VARS + ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",)
+    return {k: os.environ[k] for k in names if k in os.environ}
+
+
+def connect_ray(address: Optional[str]) -> None:
+    import ray
+    if ray.is_initialized():
+        return
+    ray.init(address=address, runtime_env={"env_vars": worker_env()}, logging_level="ERROR",
+             configure_logging=True, log_to_driver=True)
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Workers run in another directory (and maybe on another node): no relative paths."""
+    def absolute(path: Optional[str]) -> Optional[str]:
+        if not path or "://" in path:
+            return path
+        return os.path.abspath(os.path.expanduser(path))
+    cfg = replace(cfg, storage=replace(cfg.storage, path=absolute(cfg.storage.path)),
+                  data=replace(cfg.data, path=absolute(cfg.data.path)),
+                  intervals=replace(cfg.intervals, artifact=absolute(cfg.intervals.artifact)))
+    if cfg.init_from and ("/" in cfg.init_from or cfg.init_from.startswith(".")):
+        cfg = replace(cfg, init_from=absolute(cfg.init_from))
+    return cfg
+
+
+def _restart_name(storage: Storage, base: str) -> str:
+    i = 2
+    while storage.exists(f"{base}-r{i}"):
+        i += 1
+    return f"{base}-r{i}"
+
+
+@dataclass
+class PreparedRun:
+    cfg: RunConfig
+    name: str
+    storage: Storage
+    tracking_uri: str
+    payload: dict
+    datasets: dict
+
+
+def prepare_run(req: TrainRequest) -> PreparedRun:
+    """Everything that can fail before a worker starts: storage, tracking, intervals, data."""
+    cfg = _absolute_paths(req.config)
+    probe = open_storage(cfg.storage.path, cfg.storage.endpoint, cfg.storage.region, fail_fast=True)
+    probe.check()
+    storage = open_storage(cfg.storage.path, cfg.storage.endpoint, cfg.storage.region)
+    tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
+    check_tracking(tracking_uri)
+    name = run_name_for(cfg)
+    if req.restart:
+        name = _restart_name(storage, name)
+        cfg = replace(cfg, name=name)
+    tas = None
+    if cfg.intervals.rule == "affinity":
+        tas = _affinity_matrix(cfg, storage)
+    intervals, _ = resolve_run_intervals(cfg, tas=tas)
+    payload: dict[str, Any] = {"config": cfg.to_dict(), "run_name": name, "tracking_uri": tracking_uri,
+                               "intervals": intervals.to_list(), "threads": max(1, int(cfg.scaling.cpus_per_worker))}
+    datasets: dict = {}
+    if cfg.data.name == "parquet":
+        data_storage = open_storage(cfg.data.path, cfg.storage.endpoint, cfg.storage.region, fail_fast=True)
+        payload["data_meta"] = read_metadata(data_storage)
+        datasets["train"] = _read_parquet(cfg)
+    if cfg.init_from:
+        payload["init_from"] = resolve_checkpoint(cfg.init_from, storage, cfg.storage.endpoint,
+                                                  cfg.storage.region).payload()
+    return PreparedRun(cfg, name, storage, tracking_uri, payload, datasets)
+
+
+def _affinity_matrix(cfg: RunConfig, storage: Storage):
+    art = cfg.intervals.artifact
+    if art.startswith("s3://"):
+        import tempfile
+        src = open_storage(art.rsplit("/", 1)[0], cfg.storage.endpoint, cfg.storage.region)
+        with tempfile.NamedTemporaryFile(suffix=".npz") as tmp:
+            tmp.write(src.read_bytes(art.rsplit("/", 1)[1]))
+            tmp.flush()
+            return load_affinity(tmp.name)
+    return load_affinity(art)
+
+
+def _read_parquet(cfg: RunConfig):
+    import ray.data
+    data_storage = open_storage(cfg.data.path, cfg.storage.endpoint, cfg.storage.region)
+    return ray.data.read_parquet(data_storage.root, filesystem=data_storage.fs, file_extensions=["parquet"])
+
+
+def _check_cluster(storage: Storage) -> int:
+    import ray
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and not storage.is_remote:
+        raise StorageError(f"storage.path: {storage.uri} is a local directory but the cluster has {len(nodes)} "
+                           f"nodes; multi-node runs need shared object storage: set storage.path=s3://bucket/prefix")
+    return len(nodes)
+
+
+def _start_tracking(prep: PreparedRun, req: TrainRequest, num_nodes: int) -> tuple[str, bool]:
+    cfg = prep.cfg
+    exp = ensure_experiment(prep.tracking_uri, cfg.tracking.experiment)
+    tags = {"denoiselab.storage_uri": prep.storage.uri_of(prep.name), "denoiselab.cluster_nodes": str(num_nodes),
+            "denoiselab.workers": str(cfg.scaling.num_workers)}
+    commit = _git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    run_id, resumed = find_or_create_run(prep.tracking_uri, exp, prep.name, tags, req.parent_run_id)
+    from trainers.build import build_context
+    from trainers.methods import Intervals, compose
+    plan = compose(cfg.methods, build_context(cfg, Intervals.from_list(prep.payload["intervals"]),
+                                              cfg.scaling.num_workers))
+    params = flatten(cfg.to_dict())
+    params.update({f"plan.{k}": v for k, v in plan.describe().items()})
+    params["intervals.resolved"] = str(Intervals.from_list(prep.payload["intervals"]).pairs())
+    log_params(prep.tracking_uri, run_id, params)
+    return run_id, resumed
+
+
+def _trainer(prep: PreparedRun):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig   # RAY
+    from ray.train.torch import TorchTrainer                                         # RAY
+    from orchestrator.worker import train_loop_per_worker
+    sc = prep.cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker, **sc.resources_per_worker}
+    if sc.use_gpu:
+        resources.setdefault("GPU", 1)
+    return TorchTrainer(
+        train_loop_per_worker, train_loop_config=prep.payload, datasets=prep.datasets or None,
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=sc.placement_strategy),
+        run_config=RunConfig(name=prep.name, storage_path=prep.storage.root,
+                             storage_filesystem=prep.storage.fs if prep.storage.is_remote else None,
+                             failure_config=FailureConfig(max_failures=sc.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=prep.cfg.train.keep_checkpoints)))
+
+
+def _user_error_in(err: BaseException) -> Optional[UserError]:
+    seen, stack = set(), [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        stack.extend([e.__cause__, e.__context__])
+        for attr in ("worker_failures", "errors"):
+            value = getattr(e, attr, None)
+            if isinstance(value, dict):
+                stack.extend(v for v in value.values() if isinstance(v, BaseException))
+    return None
+
+
+def run_training(req: TrainRequest) -> TrainOutcome:
+    prep = prepare_run(req)
+    resumed_storage = prep.storage.exists(prep.name, SNAPSHOT)
+    connect_ray(req.address)
+    num_nodes = _check_cluster(prep.storage)
+    run_id, resumed = _start_tracking(prep, req, num_nodes)
+    prep.payload["run_id"] = run_id
+    prep.storage.write_bytes(dump_yaml(prep.cfg).encode(), prep.name, "denoiselab", "config.yaml")
+    if not req.quiet:
+        verb = "resuming" if resumed_storage else "starting"
+        print(f"denoiselab: {verb} run {prep.name} ({prep.cfg.scaling.num_workers} worker(s), "
+              f"{num_nodes} node(s)); checkpoints in {prep.storage.uri_of(prep.name)}", file=sys.stderr)
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(prep.tracking_uri)
+    try:
+        result = _trainer(prep).fit()
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, "KILLED")
+        raise
+    except Exception as err:  # noqa: BLE001 - report the user's mistake in one line when there is one
+        client.set_terminated(run_id, "FAILED")
+        user = _user_error_in(err)
+        if user is not None:
+            raise user from None
+        raise
+    checkpoint_uri = None
+    if result.checkpoint is not None:
+        checkpoint_uri = prep.storage.uri_of(prep.name, os.path.basename(result.checkpoint.path.rstrip("/")))
+        client.set_tag(run_id, "checkpoint.final", checkpoint_uri)
+    if req.register and checkpoint_uri:
+        register_checkpoint(client, req.register, run_id, checkpoint_uri, dump_yaml(prep.cfg))
+    client.set_terminated(run_id, "FINISHED")
+    return TrainOutcome(prep.name, run_id, prep.tracking_uri, checkpoint_uri, resumed_storage,
+                        prep.storage.uri_of(prep.name), dict(result.metrics or {}))
+
+
+def register_checkpoint(client, model_name: str, run_id: str, checkpoint_uri: str, config_yaml: str) -> str:
+    """Register a checkpoint as a model version: the source is a small run artifact holding the
+    checkpoint URI and the config; the URI is also a version tag."""
+    import tempfile
+    from mlflow.exceptions import MlflowException
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "checkpoint_uri.txt"), "w") as fh:
+            fh.write(checkpoint_uri + "\n")
+        with open(os.path.join(tmp, "config.yaml"), "w") as fh:
+            fh.write(config_yaml)
+        client.log_artifacts(run_id, tmp, artifact_path="registered_checkpoint")
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException:
+        pass
+    source = f"{client.get_run(run_id).info.artifact_uri}/registered_checkpoint"
+    version = client.create_model_version(model_name, source, run_id=run_id,
+                                          tags={"checkpoint_uri": checkpoint_uri})
+    return version.version
+
+
+def config_for_resume(name: str, cfg: RunConfig) -> RunConfig:
+    """``--resume NAME``: the stored config of that run (in the same storage)."""
+    storage = open_storage(cfg.storage.path, cfg.storage.endpoint, cfg.storage.region)
+    if not storage.exists(name, "denoiselab", "config.yaml"):
+        raise ConfigError(f"--resume {name}: no run of that name in {storage.uri}; "
+                          f"list runs with `denoiselab review`")
+    import yaml
+    data = yaml.safe_load(storage.read_bytes(name, "denoiselab", "config.yaml"))
+    data["storage"], data["tracking"] = cfg.to_dict()["storage"], cfg.to_dict()["tracking"]
+    return load_config(data)

@@ -1,0 +1,34 @@
+"""``denoiselab train --local``: the trainers loop in this process, no Ray and no MLflow.
+Checkpoints and artifacts go to ``storage.path/NAME`` (local paths only); re-running resumes."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from trainers.checkpoint import load_state
+from trainers.config import RunConfig, run_name_for
+from trainers.data import StepBatches, builtin_dataset
+from trainers.errors import ConfigError
+from trainers.loop import train
+from trainers.reporting import LocalReporter, ProgressLine, latest_checkpoint
+from trainers.runtime import LocalRuntime
+
+__all__ = ["train_local"]
+
+
+def train_local(cfg: RunConfig) -> dict:
+    if cfg.storage.path.startswith("s3://") or cfg.data.name == "parquet":
+        raise ConfigError("--local: runs only with a local storage.path and built-in data; drop --local to use Ray")
+    import torch
+    device = "cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
+    run_dir = Path(cfg.storage.path) / run_name_for(cfg)
+    last = latest_checkpoint(run_dir)
+    resume = load_state(last) if last is not None else None
+    if resume is not None:
+        print(f"denoiselab: resuming {run_dir} from step {resume['step']}", file=sys.stderr)
+    batches = StepBatches(builtin_dataset(cfg.data), cfg.train.batch_size, seed=cfg.train.seed, flip=cfg.data.flip)
+    reporter = LocalReporter(run_dir, keep=cfg.train.keep_checkpoints, progress=ProgressLine(cfg.train.steps))
+    summary = train(cfg, LocalRuntime(device), reporter, batches, resume=resume)
+    print(f"run {run_dir}: step {summary['step']}, loss {summary['metrics'].get('loss', float('nan')):.4f}; "
+          f"samples in {run_dir / 'artifacts' / 'samples'}")
+    return summary

@@ -1,0 +1,55 @@
+"""Reporter for Ray Train workers: checkpoints through ``ray.train.report`` into storage, metrics
+to MLflow from rank 0 (committed with each checkpoint), artifacts to MLflow and storage.
+
+Every rank calls ``ray.train.report`` at the same steps (it is a barrier, ≈2 s at the default
+health-check interval: never every step; PLATFORM.md §1.4); only rank 0 attaches a checkpoint.
+"""
+from __future__ import annotations
+
+import tempfile
+from typing import Optional
+
+from orchestrator.storage import Storage
+from trainers.checkpoint import save_state
+from trainers.reporting import ProgressLine, checkpoint_dir_name
+
+__all__ = ["RayReporter"]
+
+
+class RayReporter:
+    def __init__(self, tracker, storage: Storage, run_name: str, is_main: bool,
+                 progress: Optional[ProgressLine] = None):
+        self.tracker, self.storage, self.run_name = tracker, storage, run_name
+        self.is_main, self.progress = is_main, progress
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.tracker.add(step, metrics)
+        if self.is_main and self.progress is not None:
+            self.progress.update(step, metrics)
+
+    def checkpoint(self, step: int, state: Optional[dict], metrics: dict[str, float]) -> None:
+        import ray.train                                                  # RAY
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        scalars["step"] = float(step)
+        name = checkpoint_dir_name(step)
+        if state is None:
+            ray.train.report(scalars, checkpoint_dir_name=name)          # RAY: barrier on every rank
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_state(tmp, state)
+            self.tracker.flush()
+            self.tracker.tag("checkpoint.latest", self.storage.uri_of(self.run_name, name))
+            ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(tmp),  # RAY
+                             checkpoint_dir_name=name)
+
+    def artifact(self, name: str, data: bytes) -> None:
+        if not self.is_main:
+            return
+        self.tracker.artifact(name, data)
+        self.storage.write_bytes(data, self.run_name, "denoiselab", "artifacts", name)
+
+    def close(self, summary: dict) -> None:
+        self.tracker.flush()
+        self.tracker.close()
+        if self.progress is not None:
+            self.progress.close()

@@ -1,0 +1,109 @@
+"""The per-worker training function: the trainers loop, run under Ray Train.
+
+Ray-specific lines are few and marked ``# RAY``. Nothing here reads files that exist only on the
+driver's disk: built-in data is generated on the worker, Parquet data streams through Ray Data,
+checkpoints come from storage through ``ray.train.get_checkpoint()``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Optional
+
+import torch
+
+from orchestrator.data_io import decode_batch
+from orchestrator.ray_runtime import ray_runtime
+from orchestrator.reporter import RayReporter
+from orchestrator.storage import open_storage
+from orchestrator.tracking import NullTracker, WorkerTracker
+from trainers.checkpoint import load_state, state_from_bytes
+from trainers.config import load_config
+from trainers.data import StepBatches, builtin_dataset
+from trainers.loop import train
+from trainers.methods import Intervals
+from trainers.reporting import ProgressLine
+
+__all__ = ["train_loop_per_worker", "RayDataBatches"]
+
+
+class RayDataBatches:
+    """Local batches from this worker's Ray Data shard, epoch after epoch.
+
+    Streaming order is Ray Data's, so a resumed run continues with a fresh epoch rather than at
+    the exact row (the built-in sets resume at the exact data position)."""
+
+    def __init__(self, shard, meta: dict, local_batch: int):
+        self.shard, self.meta, self.local_batch = shard, meta, local_batch
+        self.num_classes, self.image_size, self.channels = meta["num_classes"], meta["image_size"], meta["channels"]
+        self._it = None
+
+    def _epoch(self):
+        return self.shard.iter_batches(batch_size=self.local_batch, batch_format="numpy", drop_last=True)
+
+    def get(self, step: int):
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self._epoch())
+            try:
+                batch = next(self._it)
+                return decode_batch(batch["image"], batch.get("label"), self.meta)
+            except StopIteration:
+                self._it = None
+        raise RuntimeError("data: the Ray Data shard yields no full batch; use a smaller train.batch_size")
+
+
+class DataAudit:
+    """Fingerprints of the first ``limit`` rows a rank trains on, written to
+    ``NAME/denoiselab/data_audit/rank_R.json``: evidence that ranks see disjoint data."""
+
+    def __init__(self, inner, limit: int = 256):
+        self.inner, self.limit, self.digests = inner, limit, []
+        self.num_classes, self.image_size, self.channels = inner.num_classes, inner.image_size, inner.channels
+
+    def get(self, step: int):
+        x0, y = self.inner.get(step)
+        if len(self.digests) < self.limit:
+            rows = x0[: self.limit - len(self.digests)].numpy()
+            self.digests.extend(hashlib.sha1(r.tobytes()).hexdigest()[:16] for r in rows)
+        return x0, y
+
+    def write(self, storage, run_name: str, rank: int) -> None:
+        body = json.dumps({"rank": rank, "rows": len(self.digests), "digests": self.digests})
+        storage.write_bytes(body.encode(), run_name, "denoiselab", "data_audit", f"rank_{rank}.json")
+
+
+def _batches(cfg, payload: dict, rank: int, world: int):
+    if cfg.data.name == "parquet":
+        import ray.train                                                  # RAY
+        return RayDataBatches(ray.train.get_dataset_shard("train"), payload["data_meta"], cfg.local_batch_size)
+    return StepBatches(builtin_dataset(cfg.data), cfg.train.batch_size, rank, world, cfg.train.seed, cfg.data.flip)
+
+
+def _resume_state() -> Optional[dict]:
+    import ray.train                                                      # RAY
+    checkpoint = ray.train.get_checkpoint()                               # RAY
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return load_state(directory)
+
+
+def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    torch.set_num_threads(max(1, int(payload.get("threads", 1))))
+    cfg = load_config(payload["config"])
+    runtime = ray_runtime()
+    storage = open_storage(cfg.storage.path, cfg.storage.endpoint, cfg.storage.region)
+    tracker = (WorkerTracker(payload["tracking_uri"], payload["run_id"], cfg.tracking.system_metrics)
+               if runtime.is_main else NullTracker())
+    progress = ProgressLine(cfg.train.steps, every=1) if runtime.is_main else None
+    reporter = RayReporter(tracker, storage, payload["run_name"], runtime.is_main, progress)
+    resume = _resume_state()
+    init = None
+    if resume is None and payload.get("init_from"):
+        src = open_storage(payload["init_from"]["storage"], cfg.storage.endpoint, cfg.storage.region)
+        init = state_from_bytes(src.read_bytes(*payload["init_from"]["parts"]), payload["init_from"]["uri"])
+    batches = DataAudit(_batches(cfg, payload, runtime.rank, runtime.world_size))
+    train(cfg, runtime, reporter, batches, resume=resume, init=init,
+          intervals=Intervals.from_list(payload["intervals"]))
+    batches.write(storage, payload["run_name"], runtime.rank)
