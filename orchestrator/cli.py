@@ -145,6 +145,9 @@ COMMANDS = {"train": _cmd_train, "data": _cmd_data, "sample": _cmd_sample, "inte
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import logging
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
     except UserError as err:

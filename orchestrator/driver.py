@@ -19,10 +19,11 @@ from orchestrator.data_io import read_metadata
 from orchestrator.storage import CREDENTIAL_VARS, Storage, StorageError, open_storage
 from orchestrator.tracking import (check_tracking, ensure_experiment, find_or_create_run, log_params,
                                    resolve_tracking_uri)
-from trainers.build import load_affinity, resolve_run_intervals
+from trainers.build import build_context, load_affinity, resolve_run_intervals
 from trainers.config import RunConfig, load_config, run_name_for
 from trainers.configlib import flatten
 from trainers.errors import ConfigError, UserError
+from trainers.methods import Intervals, compose
 
 __all__ = ["TrainRequest", "TrainOutcome", "run_training", "connect_ray", "prepare_run", "worker_env"]
 
@@ -102,6 +103,7 @@ class PreparedRun:
     tracking_uri: str
     payload: dict
     datasets: dict
+    plan: dict
 
 
 def prepare_run(req: TrainRequest) -> PreparedRun:
@@ -120,6 +122,7 @@ def prepare_run(req: TrainRequest) -> PreparedRun:
     if cfg.intervals.rule == "affinity":
         tas = _affinity_matrix(cfg, storage)
     intervals, _ = resolve_run_intervals(cfg, tas=tas)
+    plan = compose(cfg.methods, build_context(cfg, intervals, cfg.scaling.num_workers))   # validates early
     payload: dict[str, Any] = {"config": cfg.to_dict(), "run_name": name, "tracking_uri": tracking_uri,
                                "intervals": intervals.to_list(), "threads": max(1, int(cfg.scaling.cpus_per_worker))}
     datasets: dict = {}
@@ -130,7 +133,7 @@ def prepare_run(req: TrainRequest) -> PreparedRun:
     if cfg.init_from:
         payload["init_from"] = resolve_checkpoint(cfg.init_from, storage, cfg.storage.endpoint,
                                                   cfg.storage.region).payload()
-    return PreparedRun(cfg, name, storage, tracking_uri, payload, datasets)
+    return PreparedRun(cfg, name, storage, tracking_uri, payload, datasets, plan.describe())
 
 
 def _affinity_matrix(cfg: RunConfig, storage: Storage):
@@ -169,12 +172,8 @@ def _start_tracking(prep: PreparedRun, req: TrainRequest, num_nodes: int) -> tup
     if commit:
         tags["mlflow.source.git.commit"] = commit
     run_id, resumed = find_or_create_run(prep.tracking_uri, exp, prep.name, tags, req.parent_run_id)
-    from trainers.build import build_context
-    from trainers.methods import Intervals, compose
-    plan = compose(cfg.methods, build_context(cfg, Intervals.from_list(prep.payload["intervals"]),
-                                              cfg.scaling.num_workers))
     params = flatten(cfg.to_dict())
-    params.update({f"plan.{k}": v for k, v in plan.describe().items()})
+    params.update({f"plan.{k}": v for k, v in prep.plan.items()})
     params["intervals.resolved"] = str(Intervals.from_list(prep.payload["intervals"]).pairs())
     log_params(prep.tracking_uri, run_id, params)
     return run_id, resumed

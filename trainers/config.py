@@ -38,6 +38,8 @@ class ModelConfig:
     num_heads: Optional[int] = None
 
     def __post_init__(self) -> None:
+        from trainers.models.registry import check_model_name
+        check_model_name(self.name)
         if not 0.0 <= self.class_dropout < 1.0:
             raise ConfigError("model.class_dropout: must be in [0, 1)")
 
@@ -130,12 +132,22 @@ class SampleConfig:
     n: int = 64
     eta: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.n < 0:
+            raise ConfigError("sample.steps/n: steps must be >= 1 and n >= 0 (0 disables the grid)")
+        if self.eta < 0 or self.guidance < 0:
+            raise ConfigError("sample.eta/guidance: must be >= 0 (guidance 1 disables CFG)")
+
 
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = 0                 # 0 = only at the end (when n > 0)
     n: int = 0                     # samples per evaluation; 0 disables
     steps: int = 50
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.n < 0 or self.steps < 1:
+            raise ConfigError("eval.every/n/steps: every and n must be >= 0, steps >= 1")
 
 
 @dataclass(frozen=True)

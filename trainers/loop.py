@@ -18,7 +18,7 @@ from trainers.config import RunConfig
 from trainers.data import BatchSource
 from trainers.diffusion import sample
 from trainers.ema import EMA
-from trainers.errors import ConfigError, TrainingDiverged
+from trainers.errors import CheckpointError, ConfigError, TrainingDiverged
 from trainers.images import make_grid, png_bytes
 from trainers.methods import Intervals, compose
 from trainers.reporting import Reporter
@@ -41,8 +41,14 @@ def build_state(cfg: RunConfig, runtime: Runtime, batches: BatchSource, *, resum
                                 num_classes=batches.num_classes, plan=plan, ctx=ctx, seed=cfg.train.seed)
     source = resume if resume is not None else init
     if source is not None:
-        check_compatible(source, spec, "resume" if resume is not None else f"init_from={cfg.init_from}")
-        model.load_state_dict(source["ema"] if resume is None else source["model"])
+        what = "resume" if resume is not None else f"init_from={cfg.init_from}"
+        check_compatible(source, spec, what)
+        try:
+            model.load_state_dict(source["ema"] if resume is None else source["model"])
+        except RuntimeError as err:                 # same spec, different transforms (e.g. DTR on/off)
+            first = str(err).strip().splitlines()[0]
+            raise CheckpointError(f"{what}: the checkpoint's weights do not fit this run's model "
+                                  f"({first}); use the same methods as the run that wrote it") from None
     model.to(runtime.device)
     ema = EMA(model, cfg.train.ema_decay)
     if resume is not None:

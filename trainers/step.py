@@ -15,6 +15,7 @@ randomness does not depend on when it was interrupted.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -150,6 +151,7 @@ def train_step(state: TrainState, x0: torch.Tensor, y: Optional[torch.Tensor], s
     for i in range(k):
         if counts[i] > 0:
             metrics[f"interval/loss_{i}"] = float(glob[1][i] / counts[i])
-    plan.sampler.observe(metrics["mse"])
+    if math.isfinite(metrics["mse"]):      # a non-finite loss is the loop's to report (TrainingDiverged)
+        plan.sampler.observe(metrics["mse"])
     state.step = step + 1
     return metrics

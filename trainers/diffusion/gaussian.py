@@ -72,7 +72,9 @@ class GaussianDiffusion:
         self.sqrt_recip_ab = t64(np.sqrt(1.0 / ab))
         self.sqrt_recipm1_ab = t64(np.sqrt(1.0 / ab - 1.0))
         self.post_var = t64(post_var)
-        self.post_logvar_clipped = t64(np.log(np.append(post_var[1], post_var[1:])))
+        # β̃_0 = 0: use β̃_1 at t = 0 (improved DDPM); a one-step process has only β_0.
+        clipped = np.append(post_var[1], post_var[1:]) if len(betas) > 1 else betas
+        self.post_logvar_clipped = t64(np.log(clipped))
         self.post_coef1 = t64(betas * np.sqrt(ab_prev) / (1.0 - ab))
         self.post_coef2 = t64((1.0 - ab_prev) * np.sqrt(1.0 - betas) / (1.0 - ab))
         self.log_betas = t64(np.log(betas))
@@ -87,7 +89,10 @@ class GaussianDiffusion:
     def respaced(self, num_steps: int) -> "GaussianDiffusion":
         """Evenly spaced subset of timesteps (improved DDPM §4); model sees original t."""
         num_steps = max(1, min(num_steps, self.num_timesteps))
-        use = np.unique(np.round(np.linspace(0, self.num_timesteps - 1, num_steps)).astype(np.int64))
+        if num_steps == 1:                       # one step starts from pure noise: t = T−1
+            use = np.array([self.num_timesteps - 1], dtype=np.int64)
+        else:
+            use = np.unique(np.round(np.linspace(0, self.num_timesteps - 1, num_steps)).astype(np.int64))
         ab = self.alphas_cumprod.numpy()[use]
         betas = 1.0 - ab / np.append(1.0, ab[:-1])
         return GaussianDiffusion(betas, self.learn_sigma, self.timestep_map.numpy()[use])

@@ -116,7 +116,8 @@ class DiT(nn.Module):
         self.t_embedder = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
         self.y_embedder = nn.Embedding(spec.num_classes + 1, d) if spec.num_classes > 0 else None
         grid = spec.image_size // p
-        self.register_buffer("pos_embed", torch.from_numpy(_sincos_pos_embed(d, grid)).float()[None],
+        # torch.tensor (not from_numpy) so a `with torch.device(...)` context places it too
+        self.register_buffer("pos_embed", torch.tensor(_sincos_pos_embed(d, grid), dtype=torch.float32)[None],
                              persistent=False)
         self.blocks = nn.ModuleList([DiTBlock(d, spec.heads, spec.mlp_ratio) for _ in range(spec.depth)])
         self.final_layer = FinalLayer(d, p, self.out_channels)

@@ -6,17 +6,22 @@ import re
 from trainers.errors import ConfigError
 from trainers.models.dit import SIZES, DiT, DiTSpec
 
-__all__ = ["build_model", "model_spec"]
+__all__ = ["build_model", "model_spec", "check_model_name"]
 
 _NAME = re.compile(r"^DiT-(N|T|S|B|L|XL)/(2|4|8)$")
 
 
+def check_model_name(name: str) -> re.Match:
+    match = _NAME.match(name)
+    if not match:
+        raise ConfigError(f"model.name: {name!r} is not a known model; use DiT-<size>/<patch> "
+                          f"with size in {', '.join(SIZES)} and patch in 2, 4, 8 (e.g. DiT-T/2)")
+    return match
+
+
 def model_spec(cfg, *, image_size: int, channels: int, num_classes: int, learn_sigma: bool) -> DiTSpec:
     """Resolve a ``ModelConfig`` against the data's geometry."""
-    match = _NAME.match(cfg.name)
-    if not match:
-        raise ConfigError(f"model.name: {cfg.name!r} is not a known model; use DiT-<size>/<patch> "
-                          f"with size in {', '.join(SIZES)} and patch in 2, 4, 8 (e.g. DiT-T/2)")
+    match = check_model_name(cfg.name)
     hidden, depth, heads = SIZES[match.group(1)]
     hidden = cfg.hidden_size or hidden
     depth = cfg.depth or depth

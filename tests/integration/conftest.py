@@ -1,0 +1,82 @@
+"""Real services on loopback for the integration tests: a moto S3 server, a local Ray instance,
+and (where a server is the subject) an ``mlflow server`` subprocess. Started and stopped here."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import free_port, wait_for
+
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")   # report barrier 2 s -> 0.2 s (tests only)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+AWS = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-value-xyz",
+       "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server (real HTTP endpoint) with a bucket ``denoiselab``."""
+    from moto.server import ThreadedMotoServer
+    import boto3
+    os.environ.update(AWS)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="denoiselab")
+    yield {"endpoint": endpoint, "client": client, "bucket": "denoiselab"}
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3):
+    """A local Ray instance for one test module (credentials reach workers via the runtime env)."""
+    import ray
+    if ray.is_initialized():
+        ray.shutdown()
+    from orchestrator.driver import worker_env
+    ray.init(num_cpus=4, runtime_env={"env_vars": worker_env()}, logging_level="ERROR", include_dashboard=True)
+    yield ray
+    ray.shutdown()
+
+
+def list_keys(s3, prefix: str) -> list[str]:
+    pages = s3["client"].get_paginator("list_objects_v2").paginate(Bucket=s3["bucket"], Prefix=prefix)
+    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3, tmp_path_factory):
+    """``mlflow server`` on sqlite with artifacts proxied to the moto bucket."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3["endpoint"]}
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root}/server.db",
+                             "--artifacts-destination", "s3://denoiselab/mlflow-artifacts",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+    try:
+        wait_for(healthy, 90, 0.5, "mlflow server")
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
