@@ -17,14 +17,14 @@ $(STAMP): $(PY) pyproject.toml
 	@# Install torch first (CPU wheel on this machine) unless one is already present,
 	@# so the resolver never pulls a multi-GB CUDA build for a plain `torch` requirement.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[test,nash]"
+	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip freeze > $(VENV)/resolved.txt
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/denoiselab demo
+	$(VENV)/bin/denoiselab train orchestrator/experiments/quickstart.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)

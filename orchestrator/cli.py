@@ -19,6 +19,18 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="dotted override, e.g. --set train.steps=200 (repeatable)")
 
 
+def _add_eval_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, help="Ray tasks to split the seeds over (default: 1 per 256 samples, "
+                   "at most 8)")
+    p.add_argument("--local", action="store_true", help="sample in this process, without Ray")
+    p.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker (default: if the "
+                   "cluster has GPUs)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--storage", default="./runs", help="where run names are looked up")
+    p.add_argument("--endpoint", help="S3-compatible endpoint for s3:// paths")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="denoiselab", description="Diffusion training as many denoising tasks.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -44,17 +56,40 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--endpoint", help="S3-compatible endpoint for --out")
 
-    p = sub.add_parser("sample", help="draw samples from a checkpoint or run")
+    p = sub.add_parser("sample", help="draw samples from a checkpoint or run (split across Ray workers)")
     p.add_argument("checkpoint", help="run name, checkpoint directory or state.pt")
     p.add_argument("--n", type=int, default=64)
-    p.add_argument("--out", default="samples.png", help="PNG grid path")
+    p.add_argument("--out", default="samples", help="directory or s3:// prefix (samples.npz, parquet/, grid.png, "
+                   "samples.json); a path ending in .png writes only the grid")
     p.add_argument("--steps", type=int)
     p.add_argument("--sampler", choices=["ddpm", "ddim"])
     p.add_argument("--guidance", type=float)
+    p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
     p.add_argument("--raw", action="store_true", help="use raw weights instead of EMA")
+    p.add_argument("--seed", type=int, default=0, help="base seed; sample i depends only on (seed, i)")
+    _add_eval_runtime_args(p)
+
+    p = sub.add_parser("evaluate", help="metrics of a run or checkpoint (FD in a feature space; FID with "
+                       "--inception), logged to the run's MLflow record")
+    p.add_argument("checkpoint", help="run name, checkpoint directory or state.pt")
+    p.add_argument("--n", type=int, default=1000, help="samples to generate (small N biases FD upwards)")
+    p.add_argument("--inception", help="Inception-v3 weights file (pt_inception-2015-12-05); adds fid and is "
+                   "(default: $DENOISELAB_INCEPTION)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the run's eval.steps)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--storage", default="./runs", help="where run names are looked up")
-    p.add_argument("--endpoint")
+    p.add_argument("--raw", action="store_true", help="use raw weights instead of EMA")
+    p.add_argument("--tracking-uri", help="MLflow store holding the run (default: the run's tracking.uri)")
+    p.add_argument("--json", action="store_true")
+    _add_eval_runtime_args(p)
+
+    p = sub.add_parser("review", help="list and compare runs from MLflow")
+    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    p.add_argument("--experiment", help="only this experiment")
+    p.add_argument("--parent", help="only the child runs of this parent run (a study)")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="write comparison plots of these runs")
+    p.add_argument("--out", default="review", help="directory for --compare PNGs")
+    p.add_argument("--no-log", action="store_true", help="do not log --compare plots to MLflow")
 
     p = sub.add_parser("intervals", help="cluster timesteps into intervals (ANT DP)")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
@@ -65,6 +100,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact", help="task-affinity artifact (tas.npz) for --rule affinity")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", help="write a PNG of SNR(t) with the boundaries")
+
+    p = sub.add_parser("affinity", help="ANT task-affinity matrix from checkpoints, as a Ray job")
+    p.add_argument("checkpoints", nargs="+", help="run names, checkpoint directories or state.pt files")
+    p.add_argument("--out", required=True, help="directory or s3:// prefix for tas.npz")
+    p.add_argument("--stride", type=int, default=50, help="timestep grid stride (interpolated to T)")
+    p.add_argument("--n", type=int, default=256, help="fixed data subset size")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--dim", type=int, default=4096, help="count-sketch projection size (0 = full gradients)")
+    p.add_argument("--count", type=int, default=5, help="intervals for the stored partition")
+    p.add_argument("--workers", type=int, default=2, help="Ray tasks the timestep grid is split over")
+    p.add_argument("--storage", default="./runs")
+    p.add_argument("--endpoint")
+    p.add_argument("--address")
+    p.add_argument("--tracking-uri", help="also log tas.npz to this MLflow store")
+
+    p = sub.add_parser("search", help="run (or resume) a Ray Tune + Optuna study of training runs")
+    p.add_argument("study", help="study YAML, e.g. search/studies/smoke.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="study field (budget.trials=4) or run-config override (train.lr=0.001); repeatable")
+    p.add_argument("--address", help="Ray cluster: auto, ray://host:10001 or host:port (default: start local Ray)")
+    p.add_argument("--register", metavar="MODEL", help="register the best trial's checkpoint as an MLflow model")
+    p.add_argument("--include-stopped", action="store_true",
+                   help="let trials stopped early by ASHA compete for the best (default: full-budget trials only)")
     return parser
 
 
@@ -90,7 +148,7 @@ def _print_summary(o) -> None:
           f"mlflow run  {o.run_id}  ->  {ui}\n"
           f"checkpoint  {o.checkpoint_uri}\n"
           f"samples     {grid}")
-    for key in ("loss", "fd_digits", "fd_shapes"):
+    for key in ("loss", "fd_digits", "fd_shapes", "fid", "is"):
         if key in o.metrics:
             print(f"{key:<11} {o.metrics[key]:.4f}")
 
@@ -118,11 +176,25 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_sample(args) -> int:
-    from orchestrator.sampling import sample_local
-    path = sample_local(args.checkpoint, n=args.n, out=args.out, steps=args.steps, sampler=args.sampler,
-                        guidance=args.guidance, use_ema=not args.raw, seed=args.seed, storage=args.storage,
-                        endpoint=args.endpoint)
-    print(f"wrote {args.n} samples to {path}")
+    from orchestrator.checkpoints import read_checkpoint, resolve_checkpoint
+    from orchestrator.sampling import SampleSpec, sample_images, sampling_mode, write_samples
+    from orchestrator.storage import open_storage
+    ref = resolve_checkpoint(args.checkpoint, open_storage(args.storage, args.endpoint), args.endpoint)
+    spec = SampleSpec(n=args.n, seed=args.seed, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
+                      eta=args.eta, use_ema=not args.raw)
+    local, workers = sampling_mode(args.n, args.workers, args.local)
+    state = read_checkpoint(ref)
+    if not local:
+        from orchestrator.driver import connect_ray
+        connect_ray(args.address)
+    result = sample_images(state, spec, workers=workers, local=local, use_gpu=args.gpu,
+                           cpus_per_worker=args.cpus_per_worker)
+    paths = write_samples(result, args.out, args.endpoint)
+    m = result.meta
+    print(f"wrote {args.n} samples of {ref.uri} ({m['sampler']}, {m['steps']} steps, guidance {m['guidance']}, "
+          f"{m['weights']} weights, seed {m['seed']}; {m['workers']} worker process(es))")
+    for what, uri in paths.items():
+        print(f"  {what:<8}{uri}")
     return 0
 
 
@@ -139,7 +211,67 @@ def _cmd_intervals(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "data": _cmd_data, "sample": _cmd_sample, "intervals": _cmd_intervals}
+def _cmd_affinity(args) -> int:
+    from orchestrator.jobs.affinity import AffinityRequest, run_affinity
+    result = run_affinity(AffinityRequest(tuple(args.checkpoints), args.out, stride=args.stride, num_images=args.n,
+                                          batch=args.batch, dim=args.dim, count=args.count, workers=args.workers,
+                                          storage=args.storage, endpoint=args.endpoint,
+                                          tracking_uri=args.tracking_uri), address=args.address)
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from orchestrator.evaluation import evaluate_checkpoint
+    from orchestrator.sampling import sampling_mode
+    local, workers = sampling_mode(args.n, args.workers, args.local)
+    record, run_id, run_name = evaluate_checkpoint(
+        args.checkpoint, n=args.n, seed=args.seed, steps=args.steps, inception=args.inception, workers=workers,
+        local=local, storage=args.storage, endpoint=args.endpoint, tracking_uri=args.tracking_uri,
+        address=args.address, use_ema=not args.raw)
+    if args.json:
+        print(json.dumps({**record.to_dict(), "run_name": run_name, "mlflow_run_id": run_id}))
+        return 0
+    s = record.sampling
+    where = f"mlflow run {run_id} (step {record.step})" if run_id else "no MLflow run of that name: not logged"
+    print(f"run         {run_name}  ->  {where}\ncheckpoint  {record.checkpoint}\n"
+          f"samples     n={record.n} seed={record.seed} {s['sampler']} {s['steps']} steps guidance {s['guidance']} "
+          f"{s['weights']} ({s['workers']} worker(s), {record.seconds:.0f}s)\n"
+          f"extractors  {', '.join(record.extractors)}")
+    for key, value in sorted(record.metrics.items()):
+        print(f"{key:<19} {value:.4f}")
+    return 0
+
+
+def _cmd_review(args) -> int:
+    from orchestrator.review import compare_runs, format_table, list_runs, open_store
+    client, _ = open_store(args.tracking_uri)
+    if args.compare:
+        result = compare_runs(client, args.compare, args.out, args.experiment, log=not args.no_log)
+        if args.format == "json":
+            print(json.dumps(result, default=str))
+            return 0
+        print(format_table(result["runs"]))
+        for name, path in result["plots"].items():
+            print(f"  {name:<14}{path}")
+        if result["logged_to"]:
+            print(f"logged as artifacts review/*.png of {len(result['logged_to'])} run(s)")
+        return 0
+    rows = list_runs(client, args.experiment, args.parent)
+    print(json.dumps(rows, default=str) if args.format == "json" else format_table(rows))
+    return 0
+
+
+def _cmd_search(args) -> int:
+    from search.command import SearchRequest, run_search    # search builds on orchestrator: imported lazily
+    from search.config import load_study
+    run_search(SearchRequest(load_study(args.study, args.overrides), address=args.address, register=args.register,
+                             include_stopped=args.include_stopped))
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "review": _cmd_review, "data": _cmd_data, "sample": _cmd_sample, "intervals": _cmd_intervals,
+            "affinity": _cmd_affinity, "search": _cmd_search}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

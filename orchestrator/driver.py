@@ -38,6 +38,7 @@ class TrainRequest:
     register: Optional[str] = None     # register the final checkpoint as this MLflow model
     parent_run_id: Optional[str] = None
     quiet: bool = False
+    train_callbacks: tuple = ()        # ray.train.UserCallback objects, e.g. Tune's TuneReportCallback()
 
 
 @dataclass
@@ -53,7 +54,8 @@ class TrainOutcome:
 
 def worker_env() -> dict[str, str]:
     """Variables every node needs: credentials and endpoints (values never logged)."""
-    names = CREDENTIAL_VARS + ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",)
+    names = CREDENTIAL_VARS + ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "DENOISELAB_CACHE", "DENOISELAB_INCEPTION",
+                               "DENOISELAB_EVAL_TIMEOUT_S")
     return {k: os.environ[k] for k in names if k in os.environ}
 
 
@@ -123,6 +125,9 @@ def prepare_run(req: TrainRequest) -> PreparedRun:
         tas = _affinity_matrix(cfg, storage)
     intervals, _ = resolve_run_intervals(cfg, tas=tas)
     plan = compose(cfg.methods, build_context(cfg, intervals, cfg.scaling.num_workers))   # validates early
+    if cfg.eval.n > 0:
+        from orchestrator.evaluation import check_eval_config
+        check_eval_config(cfg)
     payload: dict[str, Any] = {"config": cfg.to_dict(), "run_name": name, "tracking_uri": tracking_uri,
                                "intervals": intervals.to_list(), "threads": max(1, int(cfg.scaling.cpus_per_worker))}
     datasets: dict = {}
@@ -179,7 +184,7 @@ def _start_tracking(prep: PreparedRun, req: TrainRequest, num_nodes: int) -> tup
     return run_id, resumed
 
 
-def _trainer(prep: PreparedRun):
+def _trainer(prep: PreparedRun, callbacks: tuple = ()):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig   # RAY
     from ray.train.torch import TorchTrainer                                         # RAY
     from orchestrator.worker import train_loop_per_worker
@@ -194,6 +199,7 @@ def _trainer(prep: PreparedRun):
         run_config=RunConfig(name=prep.name, storage_path=prep.storage.root,
                              storage_filesystem=prep.storage.fs if prep.storage.is_remote else None,
                              failure_config=FailureConfig(max_failures=sc.max_failures),
+                             callbacks=list(callbacks) or None,
                              checkpoint_config=CheckpointConfig(num_to_keep=prep.cfg.train.keep_checkpoints)))
 
 
@@ -229,7 +235,7 @@ def run_training(req: TrainRequest) -> TrainOutcome:
     from mlflow.tracking import MlflowClient
     client = MlflowClient(prep.tracking_uri)
     try:
-        result = _trainer(prep).fit()
+        result = _trainer(prep, req.train_callbacks).fit()
     except KeyboardInterrupt:
         client.set_terminated(run_id, "KILLED")
         raise
@@ -246,8 +252,10 @@ def run_training(req: TrainRequest) -> TrainOutcome:
     if req.register and checkpoint_uri:
         register_checkpoint(client, req.register, run_id, checkpoint_uri, dump_yaml(prep.cfg))
     client.set_terminated(run_id, "FINISHED")
+    from orchestrator.evaluation import final_eval_metrics
+    metrics = {**dict(result.metrics or {}), **final_eval_metrics(client, run_id)}
     return TrainOutcome(prep.name, run_id, prep.tracking_uri, checkpoint_uri, resumed_storage,
-                        prep.storage.uri_of(prep.name), dict(result.metrics or {}))
+                        prep.storage.uri_of(prep.name), metrics)
 
 
 def register_checkpoint(client, model_name: str, run_id: str, checkpoint_uri: str, config_yaml: str) -> str:

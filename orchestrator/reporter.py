@@ -3,6 +3,9 @@ to MLflow from rank 0 (committed with each checkpoint), artifacts to MLflow and 
 
 Every rank calls ``ray.train.report`` at the same steps (it is a barrier, ≈2 s at the default
 health-check interval: never every step; PLATFORM.md §1.4); only rank 0 attaches a checkpoint.
+With an ``AsyncEvaluator`` (rank 0, ``eval.n > 0``), due checkpoints also start an evaluation of
+their EMA weights as a Ray task; finished ones are collected at each checkpoint without blocking,
+and the rest at ``close`` (``orchestrator/evaluation.py``).
 """
 from __future__ import annotations
 
@@ -18,9 +21,9 @@ __all__ = ["RayReporter"]
 
 class RayReporter:
     def __init__(self, tracker, storage: Storage, run_name: str, is_main: bool,
-                 progress: Optional[ProgressLine] = None):
+                 progress: Optional[ProgressLine] = None, evaluator=None):
         self.tracker, self.storage, self.run_name = tracker, storage, run_name
-        self.is_main, self.progress = is_main, progress
+        self.is_main, self.progress, self.evaluator = is_main, progress, evaluator
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.tracker.add(step, metrics)
@@ -41,6 +44,10 @@ class RayReporter:
             self.tracker.tag("checkpoint.latest", self.storage.uri_of(self.run_name, name))
             ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(tmp),  # RAY
                              checkpoint_dir_name=name)
+        if self.evaluator is not None:
+            if self.evaluator.due(step):
+                self.evaluator.submit(step, state, self.storage.uri_of(self.run_name, name))
+            self.evaluator.poll()
 
     def artifact(self, name: str, data: bytes) -> None:
         if not self.is_main:
@@ -49,6 +56,8 @@ class RayReporter:
         self.storage.write_bytes(data, self.run_name, "denoiselab", "artifacts", name)
 
     def close(self, summary: dict) -> None:
+        if self.evaluator is not None:
+            self.evaluator.drain()
         self.tracker.flush()
         self.tracker.close()
         if self.progress is not None:

@@ -97,7 +97,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     tracker = (WorkerTracker(payload["tracking_uri"], payload["run_id"], cfg.tracking.system_metrics)
                if runtime.is_main else NullTracker())
     progress = ProgressLine(cfg.train.steps, every=1) if runtime.is_main else None
-    reporter = RayReporter(tracker, storage, payload["run_name"], runtime.is_main, progress)
+    evaluator = None
+    if runtime.is_main and cfg.eval.n > 0:
+        from orchestrator.evaluation import AsyncEvaluator
+        evaluator = AsyncEvaluator(cfg, payload["tracking_uri"], payload["run_id"], storage, payload["run_name"])
+    reporter = RayReporter(tracker, storage, payload["run_name"], runtime.is_main, progress, evaluator)
     resume = _resume_state()
     init = None
     if resume is None and payload.get("init_from"):

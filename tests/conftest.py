@@ -1,19 +1,14 @@
-"""Shared test setup: ``tests/`` on ``sys.path`` (for ``helpers``) and a small CPU thread count."""
+"""Shared test setup: one CPU thread for the unit and method tests (tests/unit, tests/methods)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-_TESTS = str(Path(__file__).resolve().parent)
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
-
 
 @pytest.fixture(autouse=True)
-def _few_threads(request):
-    """Tiny models run fastest on one thread (no OpenMP spinning on a busy 2-core box) (unit and method tests only)."""
+def _one_thread(request):
+    """Tiny models run fastest on one thread (no OpenMP spinning on a busy 2-core box)."""
     if Path(str(request.node.fspath)).parent.name not in ("unit", "methods"):
         yield
         return

@@ -97,6 +97,12 @@ class LossConfig:
     gamma: float = 5.0             # min_snr: γ; p2: exponent γ
     p2_k: float = 1.0
 
+    def __post_init__(self) -> None:
+        if self.weighting == "min_snr" and self.gamma <= 0:
+            raise ConfigError("loss.gamma: must be > 0 for min_snr (typical: 5)")
+        if self.weighting == "p2" and (self.gamma < 0 or self.p2_k <= 0):
+            raise ConfigError("loss.gamma/p2_k: p2 needs gamma >= 0 and p2_k > 0 (typical: 1, 1)")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -120,6 +126,9 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: must be >= 1")
         if self.lr <= 0:
             raise ConfigError("train.lr: must be > 0")
+        for name in ("weight_decay", "grad_clip", "sample_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}: must be >= 0 (0 disables)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError("train.ema_decay: must be in [0, 1)")
 

@@ -167,7 +167,8 @@ def test_checkpoint_contents(tmp_path: Path) -> None:
             "model_spec", "plan"} <= set(ckpt)
     assert ckpt["step"] == 3
     assert load_config(ckpt["config"]) == cfg
-    assert ckpt["intervals"] == [0, 25, 50, 75, 100] == [b for b in summary["intervals"][0][:1]] + [25, 50, 75, 100]
+    assert ckpt["intervals"] == [0, 25, 50, 75, 100]
+    assert summary["intervals"] == [(0, 25), (25, 50), (50, 75), (75, 100)]
     assert ckpt["plan"] == summary["plan"] == {
         "methods": "ant-uw+curriculum+dtr", "transforms": "dtr", "sampler_mode": "ant", "pacer": "curriculum",
         "weighter": "ant-uw", "combiner": "default"}

@@ -220,10 +220,10 @@ def test_sampling_shapes_determinism_and_original_timesteps(sampler: str) -> Non
     assert not torch.allclose(a, draw(1))
 
 
-def test_ddim_eta_zero_is_deterministic_given_start_noise() -> None:
+def test_ddim_eta_adds_per_step_noise() -> None:
     d = GaussianDiffusion.from_config("linear", 100, learn_sigma=True)
     model = _model(num_classes=0)
-    # η = 0: all randomness is in x_T, so DDPM's per-step noise does not matter; η > 0 differs.
+    # η = 0: all randomness is in x_T; η = 1 adds fresh noise at every step, so the samples differ.
     a = sample(model, d, (2, 1, 8, 8), steps=5, sampler="ddim", eta=0.0, generator=torch.Generator().manual_seed(3))
     b = sample(model, d, (2, 1, 8, 8), steps=5, sampler="ddim", eta=1.0, generator=torch.Generator().manual_seed(3))
     assert not torch.allclose(a, b)

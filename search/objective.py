@@ -1,0 +1,42 @@
+"""The Tune trial: base config + the trial's overrides -> one Ray Train run through the
+orchestrator's training driver (PLATFORM.md §1.8).
+
+* The Train run is named ``<study>-<trial id>``: when Tune restarts a trial (a crashed trial
+  driver, or a study resumed after an interrupt), the trial resumes its own run from its latest
+  checkpoint in storage, and appends to the same MLflow run.
+* Ray Tune's ``TuneReportCallback`` rides on the Train ``RunConfig``: every ``ray.train.report``
+  of rank 0 (a checkpoint every ``train.checkpoint_every`` steps) reaches Tune, where ASHA and
+  Optuna see it. The study's metric is checked on the first result (``search.tuner``).
+* The MLflow run is a child of the study's parent run (tag ``mlflow.parentRunId``); the parent
+  run and the experiment are created once on the Tune driver before any trial starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["TrialContext", "run_trial", "trial_run_name"]
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    study: str
+    base: dict                  # the resolved base run config (plain dict, every default filled in)
+    parent_run_id: str          # the study's MLflow parent run
+
+
+def trial_run_name(study: str, trial_id: str) -> str:
+    return f"{study}-{trial_id}"
+
+
+def run_trial(config: dict[str, Any], context: TrialContext) -> None:
+    """Tune function trainable (runs in a Tune actor, with Ray already connected)."""
+    import ray.tune                                                          # RAY
+    from ray.tune.integration.ray_train import TuneReportCallback           # RAY
+    from orchestrator.driver import TrainRequest, run_training
+    from trainers.config import load_config
+    trial_id = ray.tune.get_context().get_trial_id()                         # RAY
+    overrides = {**config["overrides"], "name": trial_run_name(context.study, trial_id)}
+    cfg = load_config(context.base, overrides)
+    run_training(TrainRequest(cfg, parent_run_id=context.parent_run_id, quiet=True,
+                              train_callbacks=(TuneReportCallback(),)))       # RAY: Train -> Tune results

@@ -1,0 +1,339 @@
+"""Define-by-run search spaces that return dotted run-config overrides.
+
+One function per method (or concern) draws its parameters from an Optuna trial and writes
+overrides; ``SPACES`` maps a name to that function, and the function's ``params`` attribute holds
+its default parameter specs. A study selects spaces and narrows parameters::
+
+    space:
+      ant: {count: [2, 8], mtl: [uw, nash]}      # [low, high] for a range, a list for choices
+      dtr: {active_ratio: 0.8}                   # one value fixes a parameter
+      curriculum: {enabled: [true, false]}        # method spaces can switch the method off
+
+Spaces run in ``SPACES`` order and see the overrides drawn before them (``Draw.get``), so the
+conditional structure of the methods is written once: Nash's refresh period is drawn only for
+Nash, the curriculum is drawn only next to ANT-UW (``compose`` refuses PCGrad/Nash with it).
+Optuna parameter names are ``<space>.<param>``. A later method (MEME, DMP) adds one function
+and one entry in ``SPACES``.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+from search.config import StudyError
+from trainers.configlib import apply_overrides
+
+__all__ = ["Choice", "IntRange", "FloatRange", "Draw", "SPACES", "SpaceFunction", "resolve_space",
+           "grid_of", "check_run_config", "validate_space"]
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter specs
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Choice:
+    values: tuple
+
+    def suggest(self, trial, name: str) -> Any:
+        if len(self.values) == 1:
+            return self.values[0]                      # fixed: not an Optuna parameter
+        return trial.suggest_categorical(name, list(self.values))
+
+    def grid(self, name: str) -> list:
+        return list(self.values)
+
+
+@dataclass(frozen=True)
+class IntRange:
+    low: int
+    high: int
+    log: bool = False
+    step: int = 1
+
+    def suggest(self, trial, name: str) -> int:
+        if self.low == self.high:
+            return self.low
+        return trial.suggest_int(name, self.low, self.high, log=self.log, step=self.step)
+
+    def grid(self, name: str) -> list:
+        values = list(range(self.low, self.high + 1, self.step))
+        if len(values) > 64:
+            raise StudyError(f"space.{name}: {len(values)} grid points; give a short list with {{choices: [...]}}")
+        return values
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    low: float
+    high: float
+    log: bool = False
+
+    def suggest(self, trial, name: str) -> float:
+        if self.low == self.high:
+            return self.low
+        return trial.suggest_float(name, self.low, self.high, log=self.log)
+
+    def grid(self, name: str) -> list:
+        if self.low == self.high:
+            return [self.low]
+        raise StudyError(f"space.{name}: a continuous range cannot be gridded; give values with {{choices: [...]}}")
+
+
+Spec = Choice | IntRange | FloatRange
+
+
+def _number(value: Any, integer: bool) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if integer else isinstance(value, (int, float))
+
+
+def _narrow(default: Spec, user: Any, where: str) -> Spec:
+    """The user's narrowing of one parameter: [low, high], a list of choices, one value, or a mapping."""
+    if isinstance(user, Mapping):
+        if set(user) == {"choices"} and isinstance(user["choices"], list) and user["choices"]:
+            return Choice(tuple(user["choices"]))
+        if isinstance(default, Choice) or not set(user) <= {"low", "high", "log", "step"}:
+            raise StudyError(f"{where}: unknown keys {sorted(user)}; use [low, high], a value or {{choices: [...]}}")
+        user = {"low": default.low, "high": default.high, **user}
+        return _range(default, user["low"], user["high"], user.get("log", default.log), user.get("step"), where)
+    if isinstance(default, Choice):
+        if isinstance(user, (list, tuple)):
+            if not user:
+                raise StudyError(f"{where}: empty list; give at least one of {list(default.values)}")
+            return Choice(tuple(user))
+        return Choice((user,))
+    if isinstance(user, (list, tuple)):
+        if len(user) != 2:
+            raise StudyError(f"{where}: a range is [low, high]; for a set of values write {{choices: {list(user)}}}")
+        return _range(default, user[0], user[1], default.log, None, where)
+    if _number(user, isinstance(default, IntRange)):
+        return Choice((user,))
+    raise StudyError(f"{where}: expected [low, high], a single value or {{choices: [...]}}, got {user!r}")
+
+
+def _range(default: Spec, low: Any, high: Any, log: bool, step: Optional[int], where: str) -> Spec:
+    integer = isinstance(default, IntRange)
+    if not (_number(low, integer) and _number(high, integer)):
+        kind = "integers" if integer else "numbers"
+        raise StudyError(f"{where}: low and high must be {kind}, got [{low!r}, {high!r}]")
+    if low > high:
+        raise StudyError(f"{where}: low {low} > high {high}")
+    if log and low <= 0:
+        raise StudyError(f"{where}: a log range needs low > 0, got {low}")
+    if integer:
+        return IntRange(int(low), int(high), bool(log), int(step or default.step))
+    return FloatRange(float(low), float(high), bool(log))
+
+
+# --------------------------------------------------------------------------------------------
+# Drawing one trial
+# --------------------------------------------------------------------------------------------
+
+class Draw:
+    """What a space function sees: its parameters (``d("count")``), the overrides drawn so far
+    (``d.set``) and the effective run config (``d.get``: overrides over the base)."""
+
+    def __init__(self, trial, space: str, specs: Mapping[str, Spec], overrides: dict, base: dict):
+        self.trial, self.space, self.specs, self.overrides, self.base = trial, space, specs, overrides, base
+
+    def __call__(self, param: str) -> Any:
+        return self.specs[param].suggest(self.trial, f"{self.space}.{param}")
+
+    def set(self, path: str, value: Any) -> None:
+        self.overrides[path] = value
+
+    def get(self, path: str) -> Any:
+        node: Any = apply_overrides(self.base, self.overrides)
+        for key in path.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        return node
+
+    def enabled(self, method: str) -> bool:
+        """The ``enabled`` switch of a method space; off writes ``methods.<method>=null``."""
+        on = bool(self("enabled"))
+        if not on:
+            self.set(f"methods.{method}", None)
+        return on
+
+
+def declare(**params: Spec) -> Callable:
+    def wrap(fn: Callable) -> Callable:
+        fn.params = params
+        return fn
+    return wrap
+
+
+_ON = Choice((True,))
+
+
+@declare(name=Choice(("DiT-N/2", "DiT-T/2")))
+def model_space(d: Draw) -> None:
+    d.set("model.name", d("name"))
+
+
+@declare(lr=FloatRange(1e-5, 3e-3, log=True))
+def optim_space(d: Draw) -> None:
+    d.set("train.lr", d("lr"))
+
+
+@declare(weighting=Choice(("constant", "min_snr", "p2")), min_snr_gamma=FloatRange(1.0, 10.0),
+         p2_gamma=FloatRange(0.5, 2.0), p2_k=Choice((1.0,)))
+def loss_space(d: Draw) -> None:
+    """Min-SNR-γ (Hang et al. 2023) and P2 (Choi et al. 2022) per-sample loss weighting."""
+    weighting = d("weighting")
+    d.set("loss.weighting", weighting)
+    if weighting == "min_snr":
+        d.set("loss.gamma", d("min_snr_gamma"))
+    elif weighting == "p2":
+        d.set("loss.gamma", d("p2_gamma"))
+        d.set("loss.p2_k", d("p2_k"))
+
+
+@declare(enabled=_ON, active_ratio=FloatRange(0.5, 1.0), alpha=FloatRange(1.0, 8.0))
+def dtr_space(d: Draw) -> None:
+    """DTR routing (Park et al. 2024): β = active_ratio, α = alpha."""
+    if d.enabled("dtr"):
+        d.set("methods.dtr.active_ratio", d("active_ratio"))
+        d.set("methods.dtr.alpha", d("alpha"))
+
+
+@declare(enabled=_ON, count=IntRange(2, 8), rule=Choice(("uniform", "snr", "log-snr", "timestep")),
+         mtl=Choice(("uw", "pcgrad", "nash")), uw_lr=FloatRange(0.005, 0.1, log=True),
+         nash_every=IntRange(5, 50, log=True), sampling=Choice(("stratified",)))
+def ant_space(d: Draw) -> None:
+    """ANT (Go et al. 2023): interval count and rule, the MTL method and its knob. Stratified
+    sampling needs the per-worker batch divisible by the count; otherwise the trial samples iid."""
+    if not d.enabled("ant"):
+        return
+    count = d("count")
+    d.set("intervals.count", count)
+    d.set("intervals.rule", d("rule"))
+    mtl = d("mtl")
+    d.set("methods.ant.mtl", mtl)
+    if mtl == "uw":
+        d.set("methods.ant.uw_lr", d("uw_lr"))
+    elif mtl == "nash":
+        d.set("methods.ant.nash_every", d("nash_every"))
+    local_batch = d.get("train.batch_size") // d.get("scaling.num_workers")
+    d.set("methods.ant.sampling", d("sampling") if local_batch % count == 0 else "iid")
+
+
+@declare(enabled=_ON, clusters=IntRange(4, 30), pacing=Choice(("adaptive", "fixed")),
+         patience=IntRange(20, 500, log=True), stage_steps=IntRange(20, 500, log=True),
+         schedule=Choice(("constant", "linear")), ordering=Choice(("easy_to_hard", "hard_to_easy", "random")))
+def curriculum_space(d: Draw) -> None:
+    """Task-difficulty curriculum (Kim et al. 2025): clusters, pacing, patience, ordering. It
+    composes only with ANT-UW, so next to PCGrad/Nash the trial runs without it."""
+    if d.get("methods.ant") and d.get("methods.ant.mtl") in ("pcgrad", "nash"):
+        d.set("methods.curriculum", None)
+        return
+    if not d.enabled("curriculum"):
+        return
+    d.set("methods.curriculum.clusters", d("clusters"))
+    pacing = d("pacing")
+    d.set("methods.curriculum.pacing", pacing)
+    if pacing == "adaptive":
+        d.set("methods.curriculum.patience", d("patience"))
+    else:
+        d.set("methods.curriculum.stage_steps", d("stage_steps"))
+        d.set("methods.curriculum.schedule", d("schedule"))
+    d.set("methods.curriculum.ordering", d("ordering"))
+
+
+# name -> space function (drawn in this order); MEME / DMP add one entry each.
+SPACES: dict[str, Callable[[Draw], None]] = {
+    "model": model_space, "optim": optim_space, "loss": loss_space,
+    "dtr": dtr_space, "ant": ant_space, "curriculum": curriculum_space,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# A study's space
+# --------------------------------------------------------------------------------------------
+
+def resolve_space(space: Mapping[str, Any]) -> dict[str, dict[str, Spec]]:
+    """The study's ``space:`` -> {space: {param: spec}}; unknown spaces and parameters are errors."""
+    if not space:
+        raise StudyError(f"space: empty; select at least one of {', '.join(SPACES)}")
+    out: dict[str, dict[str, Spec]] = {}
+    for name, narrowing in space.items():
+        if name not in SPACES:
+            close = difflib.get_close_matches(str(name), list(SPACES), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known spaces: {', '.join(SPACES)}"
+            raise StudyError(f"space.{name}: unknown space; {hint}")
+        narrowing = narrowing or {}
+        if not isinstance(narrowing, Mapping):
+            raise StudyError(f"space.{name}: expected a mapping of parameters (or {{}} for the defaults)")
+        params = dict(SPACES[name].params)
+        for param, user in narrowing.items():
+            if param not in params:
+                raise StudyError(f"space.{name}.{param}: unknown parameter; {name} has {', '.join(params)}")
+            params[param] = _narrow(params[param], user, f"space.{name}.{param}")
+        out[name] = params
+    return {name: out[name] for name in SPACES if name in out}
+
+
+class SpaceFunction:
+    """The define-by-run function handed to OptunaSearch (plain-picklable: Tune checkpoints it)."""
+
+    def __init__(self, specs: dict[str, dict[str, Spec]], base: dict):
+        self.specs, self.base = specs, base
+
+    def __call__(self, trial) -> dict[str, Any]:
+        overrides: dict[str, Any] = {}
+        for name, params in self.specs.items():
+            SPACES[name](Draw(trial, name, params, overrides, self.base))
+        return {"overrides": overrides}
+
+
+def grid_of(specs: dict[str, dict[str, Spec]]) -> dict[str, list]:
+    """Optuna GridSampler search space: every drawn parameter with its values."""
+    grid = {f"{space}.{param}": spec.grid(f"{space}.{param}")
+            for space, params in specs.items() for param, spec in params.items()}
+    return {name: values for name, values in grid.items() if len(values) > 1}
+
+
+def check_run_config(base: dict, overrides: Mapping[str, Any]):
+    """The checks the driver makes before a worker starts: strict load, intervals, method plan."""
+    from trainers.build import build_context, resolve_run_intervals
+    from trainers.config import load_config
+    from trainers.methods import compose, resolve_intervals
+    cfg = load_config(base, dict(overrides))
+    icfg = cfg.intervals
+    key = (icfg.rule, icfg.count, icfg.min_width, icfg.pairs, cfg.diffusion.schedule, cfg.diffusion.steps)
+    if key not in _INTERVALS:                 # the DP takes ~50 ms at T=1000: once per partition
+        if icfg.rule == "affinity":           # the artifact may live in object storage: check the plan only
+            _INTERVALS[key] = resolve_intervals("uniform", cfg.diffusion.steps, icfg.count)[0]
+        else:
+            _INTERVALS[key] = resolve_run_intervals(cfg)[0]
+    compose(cfg.methods, build_context(cfg, _INTERVALS[key], cfg.scaling.num_workers))
+    return cfg
+
+
+_INTERVALS: dict = {}
+
+
+def validate_space(fn: SpaceFunction, samples: int = 48, seed: int = 0) -> int:
+    """Draw ``samples`` trials at random (in memory) and check every one as the driver would;
+    returns how many distinct override sets were seen. Fails before any trial starts."""
+    import optuna
+    from trainers.errors import ConfigError
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    seen: set[str] = set()
+    for _ in range(samples):
+        trial = study.ask()
+        overrides = fn(trial)["overrides"]
+        key = repr(sorted(overrides.items(), key=lambda kv: kv[0]))
+        if key not in seen:
+            seen.add(key)
+            try:
+                check_run_config(fn.base, overrides)
+            except ConfigError as err:
+                shown = ", ".join(f"{k}={v}" for k, v in overrides.items())
+                raise StudyError(f"space: the draw {{{shown}}} is not a valid run: {err}") from None
+        study.tell(trial, 0.0)
+    return len(seen)
