@@ -55,7 +55,7 @@ class TrainOutcome:
 def worker_env() -> dict[str, str]:
     """Variables every node needs: credentials and endpoints (values never logged)."""
     names = CREDENTIAL_VARS + ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "DENOISELAB_CACHE", "DENOISELAB_INCEPTION",
-                               "DENOISELAB_EVAL_TIMEOUT_S")
+                               "DENOISELAB_EVAL_TIMEOUT_S", "RAY_API_SERVER_ADDRESS")
     return {k: os.environ[k] for k in names if k in os.environ}
 
 
@@ -63,8 +63,29 @@ def connect_ray(address: Optional[str]) -> None:
     import ray
     if ray.is_initialized():
         return
-    ray.init(address=address, runtime_env={"env_vars": worker_env()}, logging_level="ERROR",
-             configure_logging=True, log_to_driver=True)
+    env, local = worker_env(), {}
+    if address is None:
+        # A local instance: pin its dashboard and point the State API at it, so Train V2's
+        # placement-group cleaner never has to guess among several local Ray instances (it gives
+        # up, and the placement groups of Tune-stopped trials leak: PLATFORM.md §1.8).
+        port = _dashboard_port()
+        local = {"include_dashboard": True, "dashboard_port": port}
+        env.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+    ray.init(address=address, runtime_env={"env_vars": env}, logging_level="ERROR",
+             configure_logging=True, log_to_driver=True, **local)
+
+
+def _dashboard_port(preferred: int = 8265) -> int:
+    """Ray's usual dashboard port when it is free, else any free port."""
+    import socket
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    return preferred
 
 
 def _git_commit() -> Optional[str]:

@@ -27,7 +27,7 @@ from orchestrator.checkpoints import CheckpointRef, read_checkpoint, resolve_che
 from orchestrator.data_io import read_dataset
 from orchestrator.sampling import SampleSpec, sample_images
 from orchestrator.storage import Storage, open_storage
-from orchestrator.tracking import RUN_NAME_TAG, resolve_tracking_uri
+from orchestrator.tracking import RUN_NAME_TAG, check_tracking, resolve_tracking_uri
 from trainers.config import RunConfig, load_config
 from trainers.data import ArrayDataset, builtin_dataset
 from trainers.errors import ConfigError
@@ -38,7 +38,7 @@ from trainers.reporting import checkpoint_dir_name
 
 __all__ = ["EVAL_SEED", "EvalRecord", "real_data", "extractors_for", "score_samples", "evaluate_state",
            "evaluate_checkpoint", "log_record", "find_run", "final_eval_metrics", "is_eval_metric",
-           "inception_path", "check_eval_config", "AsyncEvaluator"]
+           "inception_path", "check_eval_config", "eval_due", "AsyncEvaluator"]
 
 EVAL_SEED = 0
 _EVAL_KEY = re.compile(r"^(fd_[a-z0-9]+|fid|is|is_std|precision_[a-z0-9]+|recall_[a-z0-9]+)$")
@@ -177,6 +177,9 @@ def evaluate_checkpoint(ref: str, *, n: int, seed: int = EVAL_SEED, steps: Optio
     cfg = load_config(state["config"])
     inception = inception_path(inception)
     check_extractor_available(cfg.data.name, inception)
+    if inception and not os.path.isfile(inception):
+        raise ConfigError(f"--inception: {inception} is not a file; download the pt_inception-2015-12-05 "
+                          f"weights yourself and pass their path (denoiselab never downloads them)")
     if not local:
         from orchestrator.driver import connect_ray
         connect_ray(address)
@@ -187,7 +190,9 @@ def evaluate_checkpoint(ref: str, *, n: int, seed: int = EVAL_SEED, steps: Optio
     record.checkpoint = posixpath.dirname(cref.uri)
     uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
     from mlflow.tracking import MlflowClient
-    run_id = find_run(uri, run_name)
+    check_tracking(uri)
+    missing = uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///"))
+    run_id = None if missing else find_run(uri, run_name)          # never create an empty store
     log_record(MlflowClient(uri) if run_id else None, run_id, record, cref.storage, run_parts)
     return record, run_id, run_name
 
@@ -195,6 +200,16 @@ def evaluate_checkpoint(ref: str, *, n: int, seed: int = EVAL_SEED, steps: Optio
 def _cuda() -> bool:
     import torch
     return torch.cuda.is_available()
+
+
+def eval_due(step: int, every: int, checkpoint_every: int, total_steps: int) -> bool:
+    """Evaluate the checkpoint at ``step``? The final one always; otherwise when a multiple of
+    ``every`` lies in (previous checkpoint, step], so ``every`` need not divide into checkpoints.
+    Stateless, hence the same after a resume."""
+    if step >= total_steps:
+        return True
+    previous = ((step - 1) // checkpoint_every) * checkpoint_every
+    return every > 0 and step // every > previous // every
 
 
 def _eval_task(state: dict, n: int, seed: int, steps: int, inception: Optional[str], device: str,
@@ -225,11 +240,7 @@ class AsyncEvaluator:
         self.pending: dict = {}                                   # ObjectRef -> (step, checkpoint uri)
 
     def due(self, step: int) -> bool:
-        every, ckpt = self.cfg.eval.every, self.cfg.train.checkpoint_every
-        if step >= self.cfg.train.steps:
-            return True
-        previous = ((step - 1) // ckpt) * ckpt
-        return every > 0 and step // every > previous // every
+        return eval_due(step, self.cfg.eval.every, self.cfg.train.checkpoint_every, self.cfg.train.steps)
 
     def _resources(self, final: bool) -> tuple[float, int, str, int]:
         import ray                                                            # RAY

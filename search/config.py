@@ -231,7 +231,22 @@ def base_run_dict(study: StudyConfig) -> dict:
         cfg = load_config(apply_overrides(data, overrides))
     except ConfigError as err:
         raise StudyError(f"base config: {err}") from None
-    return cfg.to_dict()
+    return _absolute_paths(cfg.to_dict())
+
+
+def _absolute_paths(base: dict) -> dict:
+    """Trials run in Tune's trial directories (another cwd, maybe another node): no relative paths."""
+    def absolute(path: Optional[str]) -> Optional[str]:
+        if not path or "://" in path:
+            return path
+        return str(Path(path).expanduser().resolve())
+    base["storage"]["path"] = absolute(base["storage"]["path"])
+    base["data"]["path"] = absolute(base["data"]["path"])
+    base["intervals"]["artifact"] = absolute(base["intervals"]["artifact"])
+    init = base.get("init_from")
+    if init and ("/" in init or init.startswith(".")):
+        base["init_from"] = absolute(init)
+    return base
 
 
 def reports_per_trial(base: dict) -> int:

@@ -6,7 +6,8 @@ orchestrator's training driver (PLATFORM.md §1.8).
   checkpoint in storage, and appends to the same MLflow run.
 * Ray Tune's ``TuneReportCallback`` rides on the Train ``RunConfig``: every ``ray.train.report``
   of rank 0 (a checkpoint every ``train.checkpoint_every`` steps) reaches Tune, where ASHA and
-  Optuna see it. The study's metric is checked on the first result (``search.tuner``).
+  Optuna see it. The study's metric is checked on the first result (``search.tuner``). The
+  trial ends by reporting the run's final metrics once more (evaluation metrics included).
 * The MLflow run is a child of the study's parent run (tag ``mlflow.parentRunId``); the parent
   run and the experiment are created once on the Tune driver before any trial starts.
 """
@@ -38,5 +39,11 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     trial_id = ray.tune.get_context().get_trial_id()                         # RAY
     overrides = {**config["overrides"], "name": trial_run_name(context.study, trial_id)}
     cfg = load_config(context.base, overrides)
-    run_training(TrainRequest(cfg, parent_run_id=context.parent_run_id, quiet=True,
-                              train_callbacks=(TuneReportCallback(),)))       # RAY: Train -> Tune results
+    outcome = run_training(TrainRequest(cfg, parent_run_id=context.parent_run_id, quiet=True,
+                                        train_callbacks=(TuneReportCallback(),)))  # RAY: Train -> Tune results
+    final = {k: float(v) for k, v in outcome.metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if final:
+        # RAY: the final result once more, from this function: a trial restarted after its run had
+        # already finished trains nothing and forwards nothing, yet must end with its final step
+        ray.tune.report(final)

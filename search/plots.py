@@ -23,7 +23,7 @@ def objective_plot(records, metric: str, mode: str, path: Path) -> Path:
     running best of the full-budget trials as a step line."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    xs = list(range(len(records)))
+    xs = [r.optuna_number if r.optuna_number is not None else i for i, r in enumerate(records)]
     full = [(i, r.value) for i, r in zip(xs, records) if r.status == "finished" and r.value is not None]
     stopped = [(i, r.value) for i, r in zip(xs, records) if r.status == "stopped" and r.value is not None]
     if full:
@@ -36,7 +36,8 @@ def objective_plot(records, metric: str, mode: str, path: Path) -> Path:
     if stopped:
         ax.scatter(*zip(*stopped), facecolors="none", edgecolors="C3", label="stopped early (partial budget)",
                    zorder=3)
-    ax.set_xlabel("trial")
+    ax.set_xlabel("trial (Optuna number)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel(metric)
     ax.set_title(f"objective over trials ({mode})")
     ax.legend(loc="best", fontsize=8)
@@ -72,18 +73,19 @@ def importance_plot(optuna_study, path: Path) -> tuple[Optional[Path], str]:
     return path, f"parameter importances from {len(chosen)} {which}"
 
 
-def _axis(values: list, log: bool) -> tuple[list[Optional[float]], list[str]]:
-    """Values of one parameter -> positions in [0, 1] (None where the trial has no such parameter)."""
+def _axis(values: list, log: bool) -> tuple[list[Optional[float]], str]:
+    """Values of one parameter -> positions in [0, 1] (None where the trial has no such parameter)
+    and a tick label: ``low..high`` for numbers, ``a|b|c`` (bottom to top) for categories."""
     present = [v for v in values if v is not None]
     if present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
         f = (lambda v: math.log10(v)) if log and min(present) > 0 else float
         lo, hi = f(min(present)), f(max(present))
         span = (hi - lo) or 1.0
         pos = [None if v is None else (f(v) - lo) / span for v in values]
-        return pos, [f"{min(present):.3g}", f"{max(present):.3g}"]
+        return pos, f"{min(present):.3g}..{max(present):.3g}"
     cats = sorted({str(v) for v in present})
     step = 1.0 / max(len(cats) - 1, 1)
-    return [None if v is None else cats.index(str(v)) * step for v in values], cats
+    return [None if v is None else cats.index(str(v)) * step for v in values], "|".join(cats)[:40]
 
 
 def parallel_plot(optuna_study, metric: str, path: Path) -> Optional[Path]:
@@ -99,7 +101,7 @@ def parallel_plot(optuna_study, metric: str, path: Path) -> Optional[Path]:
         dist = next(t.distributions[name] for t in trials if name in t.distributions)
         pos, ticks = _axis([t.params.get(name) for t in trials], bool(getattr(dist, "log", False)))
         columns.append(pos)
-        labels.append(f"{name}\n{ticks[0]}..{ticks[-1]}" if len(ticks) <= 2 else f"{name}\n{'|'.join(ticks)[:40]}")
+        labels.append(f"{name}\n{ticks}")
     values = [t.value for t in trials]
     objective, _ = _axis(values, False)
     columns.append(objective)

@@ -51,7 +51,7 @@ def collect_trials(trials, study, budget_steps: int, optuna_study) -> list[Trial
     from search.objective import trial_run_name
     numbers = {t.user_attrs.get("tune_trial_id"): t.number for t in optuna_study.get_trials(deepcopy=False)}
     out = []
-    for trial in sorted(trials, key=lambda t: t.trial_id):
+    for trial in trials:
         result = trial.last_result or {}
         step = result.get("step")
         status = _STATUS.get(trial.status, "unfinished")
@@ -67,6 +67,7 @@ def collect_trials(trials, study, budget_steps: int, optuna_study) -> list[Trial
                                dict(config.get("overrides", {})),
                                {k: v for k, v in config.items() if k != "overrides"},
                                numbers.get(trial.trial_id), error=error))
+    out.sort(key=lambda r: (r.optuna_number is None, r.optuna_number or 0, r.trial_id))   # the order trials began
     return out
 
 
@@ -88,7 +89,8 @@ def mark_child_runs(records: list[TrialRecord], tracking_uri: str, experiment_id
         client.set_tag(rec.run_id, "search.stopped_early", str(rec.stopped_early).lower())
         if rec.optuna_number is not None:
             client.set_tag(rec.run_id, "search.optuna_trial", str(rec.optuna_number))
-        if run.info.status == "RUNNING" and rec.status != "unfinished":
+        if rec.status == "stopped" or (run.info.status == "RUNNING" and rec.status != "unfinished"):
+            # a trial ASHA stopped ended as planned (its driver saw the stop as an error or never returned)
             client.set_terminated(rec.run_id, "FAILED" if rec.status == "error" else "FINISHED")
 
 

@@ -228,7 +228,7 @@ def _tuner(prep: PreparedStudy, parent_id: str, concurrency: int):
                                   max_concurrent_trials=concurrency, time_budget_s=study.budget.time_s,
                                   reuse_actors=False)
     run_config = tune.RunConfig(name=study.name, storage_path=prep.storage.path("tune"), storage_filesystem=fs,
-                                failure_config=tune.FailureConfig(max_failures=study.max_failures))
+                                failure_config=tune.FailureConfig(max_failures=study.max_failures), verbose=1)
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config), False
 
 

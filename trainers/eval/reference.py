@@ -16,6 +16,7 @@ Cache directory: ``$DENOISELAB_CACHE`` if set, else ``~/.cache/denoiselab``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from trainers.errors import CheckpointError, DataError
 from trainers.eval.frechet import feature_stats
 
 __all__ = ["cache_root", "quantize", "to_uint8", "from_uint8", "images_fingerprint", "ReferenceStats",
-           "load_or_compute_reference", "reference_key", "MAX_PR_REFERENCE"]
+           "load_or_compute_reference", "reference_key", "cache_lock", "MAX_PR_REFERENCE"]
 
 MAX_PR_REFERENCE = 10_000          # real feature rows kept for precision/recall
 _FORMAT = 1
@@ -39,6 +40,21 @@ def cache_root(explicit: Optional[str | os.PathLike] = None) -> Path:
     """``explicit`` or ``$DENOISELAB_CACHE`` or ``~/.cache/denoiselab``."""
     root = explicit or os.environ.get("DENOISELAB_CACHE") or Path.home() / ".cache" / "denoiselab"
     return Path(root).expanduser()
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path):
+    """Exclusive lock on ``<path>.lock`` (POSIX ``flock``): concurrent evaluations on one node (two
+    checkpoints, parallel trials) compute a cache entry once instead of racing to write it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as fh:
+        try:
+            import fcntl
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except (ImportError, OSError):      # no flock (Windows, some network filesystems): unlocked
+            pass
+        yield
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -111,8 +127,9 @@ def load_or_compute_reference(cache_dir: Path, key: str,
                               compute_features: Callable[[], np.ndarray]) -> ReferenceStats:
     """``<cache_dir>/reference/<key>.npz`` if present, else compute, write atomically, return."""
     path = Path(cache_dir) / "reference" / f"{key}.npz"
-    if path.is_file():
-        return ReferenceStats.load(path)
-    stats = ReferenceStats.from_features(np.asarray(compute_features(), dtype=np.float64))
-    stats.save(path)
+    with cache_lock(path):
+        if path.is_file():
+            return ReferenceStats.load(path)
+        stats = ReferenceStats.from_features(np.asarray(compute_features(), dtype=np.float64))
+        stats.save(path)
     return stats

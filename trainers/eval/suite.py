@@ -30,7 +30,7 @@ from trainers.eval.frechet import feature_stats, frechet_distance
 from trainers.eval.inception import load_inception
 from trainers.eval.inception_score import inception_score
 from trainers.eval.precision_recall import precision_recall
-from trainers.eval.reference import (ReferenceStats, images_fingerprint, load_or_compute_reference, quantize,
+from trainers.eval.reference import (ReferenceStats, cache_lock, images_fingerprint, load_or_compute_reference, quantize,
                                      reference_key, to_uint8)
 
 __all__ = ["Extractor", "builtin_extractor", "inception_extractor", "reference_for", "score_images",
@@ -81,8 +81,9 @@ def builtin_extractor(data_name: str, data: ArrayDataset, cache_dir: Path, data_
                         f"(got {data.num_classes}); use data.num_classes >= 2")
     images = quantize(data.images)
     name = _builtin_name(data_name, data, data_seed)
-    net = load_or_train_feature_net(Path(cache_dir) / "feature_nets", name, images, data.labels,
-                                    data.num_classes, seed=FEATURE_NET_SEED)
+    nets = Path(cache_dir) / "feature_nets"
+    with cache_lock(nets / name):
+        net = load_or_train_feature_net(nets, name, images, data.labels, data.num_classes, seed=FEATURE_NET_SEED)
     digest = hashlib.sha256()
     for key, value in sorted(net.state_dict().items()):
         digest.update(key.encode())

@@ -27,17 +27,20 @@ __all__ = ["SumCombiner", "PCGradCombiner", "NashCombiner", "interval_gradients"
 
 def interval_gradients(task_loss: torch.Tensor, active: torch.Tensor, params: list[nn.Parameter],
                        runtime: Any) -> torch.Tensor:
-    """[K, P] gradients of each interval's (surrogate) loss, averaged across ranks."""
-    rows = []
-    num_params = sum(p.numel() for p in params)
-    for k in range(len(task_loss)):
-        if not bool(active[k]):
-            rows.append(torch.zeros(num_params, device=task_loss.device))
-            continue
-        grads = torch.autograd.grad(task_loss[k], params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                               for g, p in zip(grads, params)]))
-    grads = torch.stack(rows)                                                        # [K, P]
+    """[K, P] gradients of each interval's (surrogate) loss, averaged across ranks.
+
+    One batched backward (``is_grads_batched``: a vmap over the K one-hot output gradients)
+    instead of K sequential backward passes; rows of inactive intervals are zero.
+    """
+    k = len(task_loss)
+    idx = torch.nonzero(active.to(task_loss.device)).flatten()
+    grads = torch.zeros(k, sum(p.numel() for p in params), device=task_loss.device)     # [K, P]
+    if len(idx):
+        basis = torch.eye(k, device=task_loss.device)[idx]                                  # [A, K]
+        per_param = torch.autograd.grad(task_loss, params, grad_outputs=basis, retain_graph=True,
+                                        allow_unused=True, is_grads_batched=True)
+        grads[idx] = torch.cat([(g if g is not None else torch.zeros(len(idx), *p.shape, device=p.device))
+                                .reshape(len(idx), -1) for g, p in zip(per_param, params)], dim=1)
     return runtime.all_reduce(grads, op="mean") if runtime.world_size > 1 else grads
 
 

@@ -1,0 +1,91 @@
+"""Training throughput (images/s) of the trainers core on one device: DiT sizes on 32×32×4
+latent-shaped inputs (the SD-VAE latent of a 256² image; 256 tokens at patch 2), vanilla vs the
+methods. Random latents: this measures the step, not the data pipeline.
+
+    python3 benchmarks/throughput.py --device cuda --models DiT-S/2,DiT-B/2 --batch 256 --precision bf16
+    .venv/bin/python benchmarks/throughput.py --device cpu --models DiT-N/2 --batch 8 --size 8   # smoke
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.common import emit, median, print_table  # noqa: E402
+from trainers.config import load_config  # noqa: E402
+from trainers.data import ArrayDataset, StepBatches  # noqa: E402
+from trainers.loop import build_state  # noqa: E402
+from trainers.runtime import LocalRuntime  # noqa: E402
+from trainers.step import train_step  # noqa: E402
+
+METHODS = {"vanilla": {}, "dtr": {"dtr": {}}, "ant-uw": {"ant": {"mtl": "uw"}},
+           "dtr+ant-uw": {"dtr": {}, "ant": {"mtl": "uw"}}, "ant-pcgrad": {"ant": {"mtl": "pcgrad"}},
+           "ant-nash": {"ant": {"mtl": "nash"}}}
+
+
+def measure(model: str, method: str, args) -> dict:
+    data = ArrayDataset(torch.randn(max(args.batch * 4, 64), args.channels, args.size, args.size),
+                        torch.randint(0, 1000, (max(args.batch * 4, 64),)), 1000)
+    cfg = load_config({"model": {"name": model}, "intervals": {"count": 8}, "methods": METHODS[method],
+                       "train": {"batch_size": args.batch, "precision": args.precision, "compile": args.compile}})
+    batches = StepBatches(data, args.batch)
+    state = build_state(cfg, LocalRuntime(args.device), batches)
+    times = []
+    for step in range(args.warmup + args.steps):
+        x0, y = batches.get(step)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        train_step(state, x0, y, step)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    params = sum(p.numel() for p in state.raw_model.parameters())
+    mem = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    return {"model": model, "method": method, "params_M": params / 1e6, "ms_per_step": 1000 * median(times),
+            "images_per_s": args.batch / median(times), "peak_mem_GiB": mem}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", default="DiT-S/2,DiT-B/2")
+    p.add_argument("--methods", default="vanilla,dtr,ant-uw,dtr+ant-uw,ant-pcgrad,ant-nash")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=4)
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--compile", action="store_true")
+    args = p.parse_args()
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    rows = []
+    for model in args.models.split(","):
+        base = None
+        for method in args.methods.split(","):
+            row = measure(model, method, args)
+            base = base or row["ms_per_step"]
+            row["time_vs_vanilla"] = row["ms_per_step"] / base
+            rows.append(row)
+            print_table([row], list(row))
+    name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
+    print(f"\n{name}, batch {args.batch}, {args.channels}x{args.size}x{args.size}, {args.precision}, "
+          f"compile={args.compile}, median of {args.steps} steps after {args.warmup} warm-up")
+    print_table(rows, ["model", "method", "params_M", "ms_per_step", "images_per_s", "time_vs_vanilla", "peak_mem_GiB"])
+    emit({"benchmark": "throughput", "device": name, "batch": args.batch, "precision": args.precision,
+          "rows": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Evaluation at scale on real parts: seeds split across Ray tasks, outputs on disk and on a moto
+S3 server, asynchronous evaluation during a Ray Train run logged to MLflow, ``denoiselab
+evaluate`` into that run, and ``denoiselab review`` (table, JSON, --compare PNGs) against the
+embedded sqlite store and a real ``mlflow server``."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from orchestrator.cli import main
+from orchestrator.data_io import read_dataset
+from orchestrator.driver import TrainRequest, run_training
+from orchestrator.sampling import SampleSpec, sample_images, write_samples
+from orchestrator.storage import open_storage
+from tests.helpers import tiny_config
+from tests.integration.conftest import list_keys
+from trainers.checkpoint import load_state
+from trainers.config import load_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+UW_CURRICULUM = {"ant": {"mtl": "uw"}, "curriculum": {"clusters": 4, "pacing": "fixed", "stage_steps": 3}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def eval_cache(tmp_path_factory):
+    """Feature nets and reference statistics: ``$DENOISELAB_CACHE`` when the caller sets one (the
+    cache is keyed by content, so reuse is safe), else a fresh directory. Set before Ray starts so
+    every worker sees it."""
+    previous = os.environ.get("DENOISELAB_CACHE")
+    os.environ["DENOISELAB_CACHE"] = previous or str(tmp_path_factory.mktemp("denoiselab-cache"))
+    yield os.environ["DENOISELAB_CACHE"]
+    if previous is None:
+        os.environ.pop("DENOISELAB_CACHE", None)
+
+
+@pytest.fixture(scope="module")
+def eval_run(local_ray, tmp_path_factory):
+    """A real Ray Train run (ANT-UW + curriculum) with evaluation every 10 steps, n=64."""
+    root = tmp_path_factory.mktemp("eval-run")
+    cfg = load_config(tiny_config(name="eval-run", methods=UW_CURRICULUM, eval={"every": 10, "n": 64, "steps": 4},
+                                  storage={"path": str(root / "runs")},
+                                  tracking={"uri": f"sqlite:///{root}/mlflow.db", "experiment": "eval"}))
+    out = run_training(TrainRequest(cfg, quiet=True))
+    return {"out": out, "root": root, "runs": str(root / "runs"), "uri": out.tracking_uri}
+
+
+def test_seeds_split_across_two_workers(eval_run, s3, tmp_path):
+    state = load_state(os.path.join(eval_run["runs"], "eval-run", "step_00000020"))
+    spec = SampleSpec(n=150, steps=3, block=32)          # 5 blocks, the last one partial
+    two = sample_images(state, spec, workers=2)
+    assert two.meta["tasks"] == 2
+    assert sorted(two.indices.tolist()) == list(range(150)) == two.indices.tolist()
+    one = sample_images(state, spec, workers=1)
+    assert np.array_equal(one.images, two.images), "samples must not depend on how seeds are split"
+    assert two.images.shape == (150, 8, 8, 1) and two.images.dtype == np.uint8
+    assert two.labels.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert len({two.images[i].tobytes() for i in range(150)}) > 140          # distinct seeds, distinct images
+    paths = write_samples(two, str(tmp_path / "out"), shard_size=64)
+    with np.load(paths["npz"]) as npz:
+        assert npz["arr_0"].shape == (150, 8, 8, 3) and npz["arr_0"].dtype == np.uint8
+        assert np.array_equal(npz["arr_0"][..., 0], two.images[..., 0]) and npz["arr_1"].tolist() == two.labels.tolist()
+    back = read_dataset(open_storage(str(tmp_path / "out")), "parquet")
+    assert len(back) == 150 and back.num_classes == 10
+    assert np.array_equal(((back.images + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(), two.images)
+    with Image.open(paths["grid"]) as im:
+        assert im.size[0] > 100 and np.asarray(im).std() > 0
+    remote = write_samples(two, "s3://denoiselab/samples/eval-run", endpoint=s3["endpoint"])
+    keys = list_keys(s3, "samples/eval-run/")
+    assert {"samples/eval-run/samples.npz", "samples/eval-run/grid.png", "samples/eval-run/parquet/_denoiselab.json",
+            "samples/eval-run/parquet/part-00000.parquet"} <= set(keys)
+    assert remote["npz"] == "s3://denoiselab/samples/eval-run/samples.npz"
+
+
+def test_training_evaluates_checkpoints_asynchronously(eval_run):
+    out, client = eval_run["out"], MlflowClient(eval_run["uri"])
+    history = sorted(client.get_metric_history(out.run_id, "fd_digits"), key=lambda m: m.step)
+    assert [m.step for m in history] == [10, 20]
+    assert all(np.isfinite(m.value) and m.value > 0 for m in history)
+    for key in ("precision_digits", "recall_digits"):
+        assert [m.step for m in client.get_metric_history(out.run_id, key)] == [10, 20]
+    tags = client.get_run(out.run_id).data.tags
+    record = json.loads(tags["eval.step_00000020_n64"])
+    assert record["checkpoint"].endswith("eval-run/step_00000020") and record["source"] == "training"
+    assert record["extractors"] == ["digits"] and record["sampling"]["steps"] == 4
+    assert not [k for k in tags if k.startswith("eval.error")]
+    on_disk = json.loads(open(os.path.join(eval_run["runs"], "eval-run", "denoiselab", "eval",
+                                           "step_00000010_n64.json")).read())
+    assert on_disk["metrics"]["fd_digits"] == pytest.approx(history[0].value)
+    assert out.metrics["fd_digits"] == pytest.approx(history[-1].value)          # the driver's summary
+
+
+def test_evaluate_command_logs_into_the_run(eval_run, capsys):
+    code = main(["evaluate", "eval-run", "--n", "80", "--steps", "3", "--workers", "2", "--storage", eval_run["runs"],
+                 "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["mlflow_run_id"] == eval_run["out"].run_id and result["step"] == 20 and result["n"] == 80
+    client = MlflowClient(eval_run["uri"])
+    points = [(m.step, m.value) for m in client.get_metric_history(eval_run["out"].run_id, "fd_digits")]
+    assert (20, pytest.approx(result["metrics"]["fd_digits"])) in points and len(points) == 3
+    assert json.loads(client.get_run(eval_run["out"].run_id).data.tags["eval.step_00000020_n80"])["n"] == 80
+    assert main(["evaluate", "eval-run", "--n", "80", "--local", "--storage", eval_run["runs"],
+                 "--inception", "/nonexistent/pt_inception.pth"]) == 2
+    assert "--inception" in capsys.readouterr().err
+
+
+def _check_png(path: str, min_width: int = 300) -> None:
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB")).astype(float)
+        assert im.size[0] >= min_width and im.size[1] >= 200, (path, im.size)
+    assert arr.std() > 5 and (arr < 200).mean() > 0.01, f"{path} looks blank"
+
+
+def test_review_table_json_and_compare(eval_run, tmp_path, capsys):
+    uri = eval_run["uri"]
+    assert main(["review", "--tracking-uri", uri]) == 0
+    table = capsys.readouterr().out
+    assert "eval-run" in table and "ant-uw+curriculum" in table and "fd_digits=" in table and "20/20" in table
+    assert main(["review", "--tracking-uri", uri, "--experiment", "eval", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    row = next(r for r in rows if r["run_name"] == "eval-run")
+    assert row["steps"] == 20 and row["plan"] == "ant-uw+curriculum" and row["images_per_s"] > 0
+    assert row["best_eval"]["metric"] == "fd_digits" and row["checkpoint"].endswith("eval-run/step_00000020")
+    out_dir = tmp_path / "plots"
+    assert main(["review", "--tracking-uri", uri, "--compare", "eval-run", "--out", str(out_dir),
+                 "--format", "json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"loss", "metrics", "interval_loss", "curriculum", "uw_weights", "samples"} <= set(result["plots"])
+    for path in result["plots"].values():
+        _check_png(path)
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(eval_run["out"].run_id, "review")}
+    assert "review/interval_loss.png" in artifacts and "review/loss.png" in artifacts
+    assert main(["review", "--tracking-uri", uri, "--experiment", "nope"]) == 2
+    assert "no experiment named 'nope'" in capsys.readouterr().err
+
+
+def test_review_against_mlflow_server(local_ray, s3, mlflow_server, tmp_path, capsys):
+    cfg = load_config(tiny_config(name="review-server", train={"steps": 10, "checkpoint_every": 10},
+                                  storage={"path": str(tmp_path / "runs")},
+                                  tracking={"uri": mlflow_server, "experiment": "review-server"}))
+    run_training(TrainRequest(cfg, quiet=True))
+    capsys.readouterr()                                  # MLflow's own "View run at" lines
+    assert main(["review", "--tracking-uri", mlflow_server, "--experiment", "review-server", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["run_name"] for r in rows] == ["review-server"] and rows[0]["steps"] == 10
+    assert main(["review", "--tracking-uri", mlflow_server, "--compare", "review-server", "--out",
+                 str(tmp_path / "plots")]) == 0
+    printed = capsys.readouterr().out
+    assert "review-server" in printed and "loss.png" in printed
+    _check_png(str(tmp_path / "plots" / "loss.png"))
+    assert any(k.endswith("review/loss.png") for k in list_keys(s3, "mlflow-artifacts/"))
