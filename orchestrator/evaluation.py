@@ -159,11 +159,11 @@ def final_eval_metrics(client, run_id: str) -> dict[str, float]:
     return {k: v for k, v in client.get_run(run_id).data.metrics.items() if is_eval_metric(k)}
 
 
-def _run_parts(ref: CheckpointRef) -> tuple[tuple[str, ...], str, str]:
-    """(parts of the run directory, run name, checkpoint dir name) of a checkpoint reference."""
+def _run_parts(ref: CheckpointRef) -> tuple[tuple[str, ...], str]:
+    """(parts of the run directory under ref.storage, run name) of a checkpoint reference."""
     run_parts = ref.parts[:-2]
     run_dir = ref.storage.path(*run_parts) if run_parts else ref.storage.root
-    return run_parts, posixpath.basename(run_dir.rstrip("/")), ref.parts[-2]
+    return run_parts, posixpath.basename(run_dir.rstrip("/"))
 
 
 def evaluate_checkpoint(ref: str, *, n: int, seed: int = EVAL_SEED, steps: Optional[int] = None,
@@ -180,17 +180,17 @@ def evaluate_checkpoint(ref: str, *, n: int, seed: int = EVAL_SEED, steps: Optio
     if inception and not os.path.isfile(inception):
         raise ConfigError(f"--inception: {inception} is not a file; download the pt_inception-2015-12-05 "
                           f"weights yourself and pass their path (denoiselab never downloads them)")
+    uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
+    check_tracking(uri)                                            # before minutes of sampling
     if not local:
         from orchestrator.driver import connect_ray
         connect_ray(address)
     device = "cuda" if _cuda() else "cpu"
     record = evaluate_state(state, n, seed=seed, steps=steps, inception=inception, workers=workers,
                             local=local, use_ema=use_ema, device=device)
-    run_parts, run_name, _ = _run_parts(cref)
+    run_parts, run_name = _run_parts(cref)
     record.checkpoint = posixpath.dirname(cref.uri)
-    uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
     from mlflow.tracking import MlflowClient
-    check_tracking(uri)
     missing = uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///"))
     run_id = None if missing else find_run(uri, run_name)          # never create an empty store
     log_record(MlflowClient(uri) if run_id else None, run_id, record, cref.storage, run_parts)

@@ -188,13 +188,12 @@ def _grid(images: np.ndarray, scale: int) -> bytes:
 
 
 def write_samples(result: SampleSet, out: str, endpoint: Optional[str] = None, shard_size: int = 1024) -> dict:
-    """``out`` ending in .png: the grid only (local path). Otherwise a directory (local or s3://)
-    with samples.npz, parquet/, grid.png and samples.json. Returns {what: uri}."""
+    """``out`` ending in .png: the grid only. Otherwise a directory with samples.npz, parquet/,
+    grid.png and samples.json. Local paths or s3://. Returns {what: uri}."""
     scale = max(1, 64 // result.images.shape[1])
     if out.endswith(".png"):
-        with open(out, "wb") as fh:
-            fh.write(_grid(result.images, scale))
-        return {"grid": os.path.abspath(out)}
+        parent, name = os.path.split(out)
+        return {"grid": open_storage(parent or ".", endpoint).write_bytes(_grid(result.images, scale), name)}
     storage = open_storage(out, endpoint, fail_fast=True)
     storage.check()
     rgb = result.images if result.images.shape[-1] == 3 else np.repeat(result.images[..., :1], 3, axis=-1)

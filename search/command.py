@@ -8,7 +8,6 @@ registered when asked. Ctrl-C (or a kill) leaves a study that the same command r
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -49,23 +48,31 @@ def run_search(req: SearchRequest) -> StudyOutcome:
     prep = prepare_study(req.study)
     connect_ray(req.address)
     concurrency = concurrency_for(req.study, prep.base, ray.cluster_resources())
-    parent_id, resumed = parent_run(prep)
+    parent_id, _ = parent_run(prep)
     client = MlflowClient(prep.tracking_uri)
     client.update_run(parent_id, status="RUNNING")
+    _log_study_file(client, parent_id, req.study)
     try:
-        trials, seconds = run_tuner(prep, parent_id, concurrency, quiet=req.quiet)
+        trials, seconds, resumed = run_tuner(prep, parent_id, concurrency, quiet=req.quiet)
     except KeyboardInterrupt:
         client.set_terminated(parent_id, "KILLED")
         raise
     except Exception:
         client.set_terminated(parent_id, "FAILED")
         raise
-    outcome = _report(req, prep, trials, parent_id, client)
-    outcome.resumed, outcome.seconds = resumed, seconds
-    return outcome
+    return _report(req, prep, trials, parent_id, client, seconds, resumed)
 
 
-def _report(req: SearchRequest, prep, trials, parent_id: str, client) -> StudyOutcome:
+def _log_study_file(client, parent_id: str, study: StudyConfig) -> None:
+    """The resolved study config, as ``study.yaml`` in the outputs and on the parent run."""
+    import yaml
+    path = study.output_dir / "study.yaml"
+    path.write_text(yaml.safe_dump(study.to_dict(), sort_keys=False))
+    client.log_artifact(parent_id, str(path))
+
+
+def _report(req: SearchRequest, prep, trials, parent_id: str, client, seconds: float,
+            resumed: bool) -> StudyOutcome:
     import optuna
     from search.plots import write_plots
     from search.results import (collect_trials, fail_orphans, leaderboard_text, mark_child_runs, pick_best,
@@ -75,11 +82,12 @@ def _report(req: SearchRequest, prep, trials, parent_id: str, client) -> StudyOu
     optuna_study = optuna.load_study(study_name=study.name, storage=optuna_storage(study.optuna_storage))
     records = collect_trials(trials, study, prep.budget_steps, optuna_study)
     experiment_id = client.get_run(parent_id).info.experiment_id
-    mark_child_runs(records, prep.tracking_uri, experiment_id)
-    if any(r.status == "unfinished" for r in records):
+    orphan_runs = mark_child_runs(records, prep.tracking_uri, experiment_id, parent_id)
+    time_spent = study.budget.time_s is not None and seconds >= 0.98 * study.budget.time_s
+    if any(r.status == "unfinished" for r in records) and not time_spent:
         client.set_terminated(parent_id, "KILLED")
         raise KeyboardInterrupt("study interrupted")
-    orphans = fail_orphans(optuna_study, records)
+    orphans = fail_orphans(optuna_study, records) + orphan_runs
     best = pick_best(records, study.mode, req.include_stopped)
     board = leaderboard_text(records, study.metric, study.mode)
     outputs = write_outputs(study.output_dir, records, best, prep.base, study, board)
@@ -89,7 +97,7 @@ def _report(req: SearchRequest, prep, trials, parent_id: str, client) -> StudyOu
     for path in plots:
         client.log_artifact(parent_id, str(path), artifact_path="plots")
     _log_summary(client, parent_id, records, best, orphans)
-    outcome = StudyOutcome(study.name, parent_id, prep.tracking_uri, records, best, board, outputs)
+    outcome = StudyOutcome(study.name, parent_id, prep.tracking_uri, records, best, board, outputs, resumed, seconds)
     if req.register and best is not None:
         outcome.registered_version = register_best(prep.tracking_uri, req.register, best,
                                                    outputs["best_yaml"].read_text())
@@ -109,7 +117,7 @@ def _log_summary(client, parent_id: str, records, best, orphans: int) -> None:
         if best.run_id:
             client.set_tag(parent_id, "search.best_run_id", best.run_id)
     if orphans:
-        client.set_tag(parent_id, "search.orphaned_optuna_trials", str(orphans))
+        client.set_tag(parent_id, "search.orphans", str(orphans))   # Optuna trials + MLflow runs of no trial
 
 
 def _print(outcome: StudyOutcome, study, notes: list[str], req: SearchRequest) -> None:

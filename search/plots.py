@@ -63,7 +63,7 @@ def importance_plot(optuna_study, path: Path) -> tuple[Optional[Path], str]:
         return None, "parameter importances skipped: no parameter varied"
     plt = _pyplot()
     names = list(importances)[::-1]
-    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.4 * len(names)))
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 1.2 + 0.4 * len(names))))
     ax.barh(names, [importances[n] for n in names], color="C2")
     ax.set_xlabel("importance (fANOVA)")
     ax.set_title(f"parameter importances ({len(chosen)} {which})")

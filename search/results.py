@@ -71,17 +71,24 @@ def collect_trials(trials, study, budget_steps: int, optuna_study) -> list[Trial
     return out
 
 
-def mark_child_runs(records: list[TrialRecord], tracking_uri: str, experiment_id: str) -> None:
-    """Find each trial's MLflow run; tag it (trial id, stopped_early) and close runs ASHA cut off."""
+def mark_child_runs(records: list[TrialRecord], tracking_uri: str, experiment_id: str, parent_id: str) -> int:
+    """Find each trial's MLflow run; tag it (trial id, stopped_early) and close runs ASHA cut off.
+    Children of the study that belong to no trial (a trial begun just before a hard kill, which
+    the resumed Tune state does not know) are tagged ``orphaned`` and closed; returns their count."""
     from mlflow.tracking import MlflowClient
     from orchestrator.tracking import RUN_NAME_TAG
     client = MlflowClient(tracking_uri)
+    children = {r.data.tags.get(RUN_NAME_TAG): r for r in client.search_runs(
+        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000)}
+    orphans = [run for name, run in children.items() if name not in {rec.run_name for rec in records}]
+    for run in orphans:
+        client.set_tag(run.info.run_id, "search.status", "orphaned")
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "KILLED")
     for rec in records:
-        found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{rec.run_name}'",
-                                   max_results=1)
-        if not found:
+        run = children.get(rec.run_name)
+        if run is None:
             continue
-        run = found[0]
         rec.run_id = run.info.run_id
         rec.checkpoint = run.data.tags.get("checkpoint.final") or run.data.tags.get("checkpoint.latest")
         client.set_tag(rec.run_id, "search.trial_id", rec.trial_id)
@@ -92,6 +99,7 @@ def mark_child_runs(records: list[TrialRecord], tracking_uri: str, experiment_id
         if rec.status == "stopped" or (run.info.status == "RUNNING" and rec.status != "unfinished"):
             # a trial ASHA stopped ended as planned (its driver saw the stop as an error or never returned)
             client.set_terminated(rec.run_id, "FAILED" if rec.status == "error" else "FINISHED")
+    return len(orphans)
 
 
 def fail_orphans(optuna_study, records: list[TrialRecord]) -> int:

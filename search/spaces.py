@@ -289,10 +289,13 @@ class SpaceFunction:
         return {"overrides": overrides}
 
 
-def grid_of(specs: dict[str, dict[str, Spec]]) -> dict[str, list]:
-    """Optuna GridSampler search space: every drawn parameter with its values."""
+def grid_of(specs: dict[str, dict[str, Spec]], drawn: Optional[set[str]] = None) -> dict[str, list]:
+    """Optuna GridSampler search space: every parameter that is drawn (all of them, or those in
+    ``drawn``, e.g. from :func:`validate_space`) with its values. Conditional parameters multiply
+    the grid even where they do not apply: fix them for a grid study."""
     grid = {f"{space}.{param}": spec.grid(f"{space}.{param}")
-            for space, params in specs.items() for param, spec in params.items()}
+            for space, params in specs.items() for param, spec in params.items()
+            if drawn is None or f"{space}.{param}" in drawn}
     return {name: values for name, values in grid.items() if len(values) > 1}
 
 
@@ -316,9 +319,9 @@ def check_run_config(base: dict, overrides: Mapping[str, Any]):
 _INTERVALS: dict = {}
 
 
-def validate_space(fn: SpaceFunction, samples: int = 48, seed: int = 0) -> int:
-    """Draw ``samples`` trials at random (in memory) and check every one as the driver would;
-    returns how many distinct override sets were seen. Fails before any trial starts."""
+def validate_space(fn: SpaceFunction, samples: int = 48, seed: int = 0) -> set[str]:
+    """Draw ``samples`` trials at random (in memory) and check every distinct one as the driver
+    would; returns the Optuna parameters that were drawn. Fails before any trial starts."""
     import optuna
     from trainers.errors import ConfigError
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -336,4 +339,4 @@ def validate_space(fn: SpaceFunction, samples: int = 48, seed: int = 0) -> int:
                 shown = ", ".join(f"{k}={v}" for k, v in overrides.items())
                 raise StudyError(f"space: the draw {{{shown}}} is not a valid run: {err}") from None
         study.tell(trial, 0.0)
-    return len(seen)
+    return {name for t in study.trials for name in t.params}

@@ -21,7 +21,6 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 from orchestrator.storage import Storage, open_storage
@@ -31,15 +30,11 @@ from search.config import StudyConfig, StudyError, base_run_dict, fingerprint, r
 from search.objective import TrialContext, run_trial
 from search.spaces import SpaceFunction, grid_of, resolve_space, validate_space
 from trainers.configlib import flatten
-from trainers.errors import UserError
 
-try:                                                  # RAY: the searcher subclass needs the base class
-    from ray.tune.search.optuna import OptunaSearch
-except ImportError:                                   # pragma: no cover - ray[tune] is a dependency
-    OptunaSearch = object
+from ray.tune.search.optuna import OptunaSearch                     # RAY: the base of StudySearch
 
-__all__ = ["MetricNotReported", "PreparedStudy", "StudySearch", "prepare_study", "concurrency_for",
-           "run_tuner", "optuna_storage", "STUDY_TAG"]
+__all__ = ["MetricNotReported", "PreparedStudy", "StudySearch", "prepare_study", "concurrency_for", "num_trials",
+           "parent_run", "make_searcher", "make_scheduler", "run_tuner", "optuna_storage", "STUDY_TAG"]
 
 STUDY_TAG = "denoiselab.study"
 _DRIVER_MEMORY = 256 * 2**20          # bytes reserved for each trial's driver (a Tune actor running fit())
@@ -48,8 +43,8 @@ _TUNE_KEYS = {"timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "
               "iterations_since_restore", "experiment_tag", "checkpoint_path", "config"}
 
 
-class MetricNotReported(UserError):
-    """The study's metric is missing from what trials report."""
+class MetricNotReported(StudyError):
+    """The study's metric is missing from what trials report (seen on the first result)."""
 
 
 class StudySearch(OptunaSearch):
@@ -88,7 +83,7 @@ class PreparedStudy:
     tune_path: str                  # path inside storage.fs
     budget_steps: int
     reports: int
-    distinct_draws: int
+    grid: Optional[dict[str, list]]  # the GridSampler space (grid studies only)
 
     @property
     def tune_uri(self) -> str:
@@ -99,9 +94,8 @@ def prepare_study(study: StudyConfig, samples: int = 48) -> PreparedStudy:
     """Everything that can fail before Ray starts: configs, space, storage, tracking."""
     base = base_run_dict(study)
     space = SpaceFunction(resolve_space(study.space), base)
-    if study.sampler.kind == "grid":
-        grid_of(space.specs)                                     # continuous ranges fail here
-    distinct = validate_space(space, samples=samples, seed=study.seed)
+    drawn = validate_space(space, samples=samples, seed=study.seed)
+    grid = grid_of(space.specs, drawn) if study.sampler.kind == "grid" else None   # continuous ranges fail here
     sc = study.scheduler
     reports = reports_per_trial(base)
     if sc.kind == "asha" and sc.grace_period >= reports:
@@ -117,7 +111,7 @@ def prepare_study(study: StudyConfig, samples: int = 48) -> PreparedStudy:
     base["tracking"]["uri"] = tracking_uri                       # trials write to the same store
     _check_fingerprint(study, base, storage)
     return PreparedStudy(study, base, space, storage, tracking_uri, storage.path("tune", study.name),
-                         base["train"]["steps"], reports, distinct)
+                         base["train"]["steps"], reports, grid)
 
 
 def _check_fingerprint(study: StudyConfig, base: dict, storage: Storage) -> None:
@@ -166,14 +160,14 @@ def _sampler(prep: PreparedStudy):
     if s.kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if s.kind == "grid":
-        return optuna.samplers.GridSampler(grid_of(prep.space.specs), seed=seed)
+        return optuna.samplers.GridSampler(prep.grid, seed=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                          # group=True is experimental in Optuna
         return optuna.samplers.TPESampler(seed=seed, multivariate=s.multivariate, group=s.multivariate,
                                           n_startup_trials=s.startup_trials, constant_liar=True)
 
 
-def _scheduler(prep: PreparedStudy):
+def make_scheduler(prep: PreparedStudy):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # RAY
     sc, study = prep.study.scheduler, prep.study
     if sc.kind == "none":
@@ -185,12 +179,20 @@ def _scheduler(prep: PreparedStudy):
                          stop_last_trials=False)
 
 
+def make_searcher(prep: PreparedStudy, storage=None) -> StudySearch:
+    """OptunaSearch over the study's define-by-run space, persisted in the study's Optuna storage."""
+    study = prep.study
+    return StudySearch(space=prep.space, metric=study.metric, mode=study.mode, sampler=_sampler(prep),
+                       study_name=study.name, storage=storage or optuna_storage(study.optuna_storage),
+                       budget_steps=prep.budget_steps)
+
+
 def num_trials(prep: PreparedStudy) -> int:
     """``budget.trials``; a grid never runs more trials than it has points."""
     if prep.study.sampler.kind != "grid":
         return prep.study.budget.trials
     size = 1
-    for values in grid_of(prep.space.specs).values():
+    for values in prep.grid.values():
         size *= len(values)
     return min(prep.study.budget.trials, size)
 
@@ -211,7 +213,8 @@ def _trainable(prep: PreparedStudy, parent_id: str):
     from ray import tune                                                   # RAY
     context = TrialContext(prep.study.name, prep.base, parent_id)
     # RAY: the trial driver holds no CPU (its Train workers hold theirs); Tune needs a non-empty bundle
-    return tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": 0, "memory": _DRIVER_MEMORY})
+    resources = {"CPU": 0, "memory": _DRIVER_MEMORY}
+    return tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
 
 
 def _tuner(prep: PreparedStudy, parent_id: str, concurrency: int):
@@ -221,19 +224,17 @@ def _tuner(prep: PreparedStudy, parent_id: str, concurrency: int):
     if tune.Tuner.can_restore(prep.tune_path, storage_filesystem=fs):
         return tune.Tuner.restore(prep.tune_path, trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False, storage_filesystem=fs), True
-    searcher = StudySearch(space=prep.space, metric=study.metric, mode=study.mode, sampler=_sampler(prep),
-                           study_name=study.name, storage=optuna_storage(study.optuna_storage),
-                           budget_steps=prep.budget_steps)
-    tune_config = tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(prep), num_samples=num_trials(prep),
-                                  max_concurrent_trials=concurrency, time_budget_s=study.budget.time_s,
-                                  reuse_actors=False)
+    tune_config = tune.TuneConfig(search_alg=make_searcher(prep), scheduler=make_scheduler(prep),
+                                  num_samples=num_trials(prep), max_concurrent_trials=concurrency,
+                                  time_budget_s=study.budget.time_s, reuse_actors=False)
     run_config = tune.RunConfig(name=study.name, storage_path=prep.storage.path("tune"), storage_filesystem=fs,
                                 failure_config=tune.FailureConfig(max_failures=study.max_failures), verbose=1)
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config), False
 
 
 def run_tuner(prep: PreparedStudy, parent_id: str, concurrency: int, quiet: bool = False):
-    """Fit (or resume) the study; returns Tune's trials (``ExperimentAnalysis.trials``)."""
+    """Fit (or resume) the study; returns Tune's trials (``ExperimentAnalysis.trials``), the seconds
+    it ran and whether it resumed an earlier run of the study."""
     from ray.tune import ExperimentAnalysis                                # RAY
     tuner, resumed = _tuner(prep, parent_id, concurrency)
     if not quiet:
@@ -254,7 +255,7 @@ def run_tuner(prep: PreparedStudy, parent_id: str, concurrency: int, quiet: bool
         raise
     fs = prep.storage.fs if prep.storage.is_remote else None
     trials = ExperimentAnalysis(prep.tune_path, storage_filesystem=fs).trials
-    return trials, time.monotonic() - started
+    return trials, time.monotonic() - started, resumed
 
 
 def _missing_metric(err: BaseException, metric: str) -> Optional[MetricNotReported]:

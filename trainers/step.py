@@ -127,7 +127,8 @@ def train_step(state: TrainState, x0: torch.Tensor, y: Optional[torch.Tensor], s
     """One optimisation step on this rank's batch; returns global metrics (identical on ranks)."""
     rt, plan, k = state.runtime, state.plan, state.intervals.num_intervals
     manual = plan.combiner.manual_sync(step) and rt.world_size > 1
-    with (rt.no_sync(state.model) if manual else contextlib.nullcontext()):
+    capture = plan.combiner.capture(state.raw_model, state.trainable(), step)
+    with (rt.no_sync(state.model) if manual else contextlib.nullcontext()), capture:
         loss_n, terms, t = _per_sample_loss(state, x0, y, step)
         task = state.intervals.task_id(t)                                        # [N]
         sums = torch.zeros(k, device=loss_n.device).index_add(0, task, loss_n)   # [K], differentiable
@@ -139,7 +140,7 @@ def train_step(state: TrainState, x0: torch.Tensor, y: Optional[torch.Tensor], s
         active = plan.sampler.active_intervals().to(counts.device) & (counts > 0)
         task_loss = rt.world_size * sums / counts.clamp(min=1.0)                  # surrogate, see weighters.py
         weighter = plan.weighter if state.scaler is None else ScaledWeighter(plan.weighter, state.scaler)
-        stats = plan.combiner.combine(step, task_loss, counts, active, weighter, state.trainable(), rt)
+        stats = plan.combiner.combine(step, task_loss, counts, active, weighter, state.trainable(), rt, task=task)
     plan.weighter.after_backward(active)
     extra = [p for g in plan.weighter.param_groups() for p in g["params"]]
     sync_gradients(extra, rt)

@@ -13,12 +13,14 @@ shuffle generator is seeded from (seed, step) so all ranks shuffle alike.
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from trainers.methods.grouped_grads import GroupedGradientCapture
 from trainers.methods.mtl.nash import nash_weights
 from trainers.methods.mtl.pcgrad import pcgrad
 
@@ -26,12 +28,16 @@ __all__ = ["SumCombiner", "PCGradCombiner", "NashCombiner", "interval_gradients"
 
 
 def interval_gradients(task_loss: torch.Tensor, active: torch.Tensor, params: list[nn.Parameter],
-                       runtime: Any) -> torch.Tensor:
+                       runtime: Any, capture: Optional[GroupedGradientCapture] = None,
+                       task: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[K, P] gradients of each interval's (surrogate) loss, averaged across ranks.
 
     One batched backward (``is_grads_batched``: a vmap over the K one-hot output gradients)
     instead of K sequential backward passes; rows of inactive intervals are zero.
     """
+    if capture is not None and task is not None and capture.usable():
+        grads = capture.gradients(task_loss.sum(), task, active)                       # one backward
+        return runtime.all_reduce(grads, op="mean") if runtime.world_size > 1 else grads
     k = len(task_loss)
     idx = torch.nonzero(active.to(task_loss.device)).flatten()
     grads = torch.zeros(k, sum(p.numel() for p in params), device=task_loss.device)     # [K, P]
@@ -58,7 +64,18 @@ class SumCombiner:
     def manual_sync(self, step: int) -> bool:
         return False
 
-    def combine(self, step, task_loss, task_count, active, weighter, params, runtime) -> dict[str, float]:
+    def capture(self, model: nn.Module, params: list[nn.Parameter], step: int):
+        """Context active during the forward pass; per-interval combiners record layer I/O."""
+        if not self.manual_sync(step):
+            return contextlib.nullcontext()
+        self._capture = GroupedGradientCapture(model, params)
+        return self._capture
+
+    def _grads(self, task_loss, active, params, runtime, task):
+        capture, self._capture = getattr(self, "_capture", None), None
+        return interval_gradients(task_loss, active, params, runtime, capture, task)
+
+    def combine(self, step, task_loss, task_count, active, weighter, params, runtime, task=None) -> dict[str, float]:
         weighter.reduce(task_loss, task_count, active).backward()
         return {}
 
@@ -81,8 +98,8 @@ class PCGradCombiner(SumCombiner):
     def manual_sync(self, step: int) -> bool:
         return True
 
-    def combine(self, step, task_loss, task_count, active, weighter, params, runtime) -> dict[str, float]:
-        grads = interval_gradients(task_loss, active, params, runtime)               # [K, P]
+    def combine(self, step, task_loss, task_count, active, weighter, params, runtime, task=None) -> dict[str, float]:
+        grads = self._grads(task_loss, active, params, runtime, task)                # [K, P]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         write_gradient(pcgrad(grads[active], generator=gen), params)
         return {}
@@ -99,11 +116,11 @@ class NashCombiner(SumCombiner):
     def manual_sync(self, step: int) -> bool:
         return step % self.every == 0
 
-    def combine(self, step, task_loss, task_count, active, weighter, params, runtime) -> dict[str, float]:
+    def combine(self, step, task_loss, task_count, active, weighter, params, runtime, task=None) -> dict[str, float]:
         k = len(task_loss)
         act = active.cpu().numpy().astype(bool)
         if self.manual_sync(step):
-            grads = interval_gradients(task_loss, active, params, runtime)           # [K, P]
+            grads = self._grads(task_loss, active, params, runtime, task)            # [K, P]
             sub = grads[active]
             gram = (sub @ sub.T).double().cpu().numpy()
             new = nash_weights(gram, init=self.alpha[act])

@@ -51,8 +51,9 @@ class RoutedBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         task = routing_task_index(t, self.num_timesteps, self.masks.shape[0])
-        m = self.masks[task].to(x.dtype).unsqueeze(1)                     # [N, 1, C]
-        return self.inner(m * x, c, t) + (1 - m) * x
+        m = self.masks[task].to(x.dtype).unsqueeze(1)                     # [N, 1, C], gathered
+        # Block(m ⊙ x) + (1 − m) ⊙ x, with the second term fused into one addcmul pass
+        return torch.addcmul(self.inner(m * x, c, t), x, 1 - m)
 
 
 class DtrTransform:

@@ -1,0 +1,167 @@
+"""Studies on a real local Ray instance (dashboard on: Train V2's placement-group cleaner needs the
+State API), a real Optuna sqlite study and MLflow on sqlite: ASHA stops weak trials, MLflow holds
+one parent with a child per trial, Optuna holds every trial, the metric is checked on the first
+result, and a study killed mid-way resumes without repeating finished trials."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from search.command import SearchRequest, run_search
+from search.config import study_from_dict
+from search.tuner import MetricNotReported
+from tests.helpers import free_port, tiny_config, wait_for
+from tests.integration.test_driver_crash import _kill_session
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def search_ray():
+    """Local Ray with a pinned dashboard that every worker's State API points at (other local Ray
+    instances on this host must not confuse Train V2's placement-group cleaner)."""
+    import ray
+    from orchestrator.driver import worker_env
+    if ray.is_initialized():
+        ray.shutdown()
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_port=port, logging_level="ERROR",
+             runtime_env={"env_vars": {**worker_env(), "RAY_API_SERVER_ADDRESS": api}})
+    yield {"address": ray.get_runtime_context().gcs_address, "api": api}
+    ray.shutdown()
+
+
+def _study(tmp_path: Path, name: str, **fields) -> dict:
+    base = tiny_config(train={"steps": 40, "checkpoint_every": 10, "log_every": 10, "keep_checkpoints": 1},
+                       sample={"n": 0}, storage={"path": str(tmp_path / "runs")},
+                       tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "search-it"})
+    return {"name": name, "base": base, "output": str(tmp_path / "out" / name), "concurrency": 2,
+            "budget": {"trials": 4}, "seed": 0, **fields}
+
+
+def _optuna(tmp_path: Path, name: str):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/out/{name}/optuna.db")
+
+
+def test_smoke_study_asha_stops_weak_trials(search_ray, tmp_path):
+    import ray
+    # a 4-point lr grid; with seed 0 the hopeless lr (1e-5) is drawn last, so it meets recorded
+    # rungs and ASHA stops it at its first report
+    study = study_from_dict(_study(tmp_path, "it-smoke", scheduler={"grace_period": 1, "reduction_factor": 2},
+                                   sampler={"kind": "grid"},
+                                   space={"optim": {"lr": {"choices": [1e-5, 1e-3, 2e-3, 3e-3]}}}))
+    started = time.monotonic()
+    out = run_search(SearchRequest(study, register="it-smoke-best", quiet=True))
+    print(f"smoke study: {time.monotonic() - started:.0f}s; {out.leaderboard}")
+    statuses = sorted(r.status for r in out.records)
+    assert len(out.records) == 4 and "stopped" in statuses and "error" not in statuses, out.leaderboard
+    slow = next(r for r in out.records if r.overrides["train.lr"] == 1e-5)
+    assert slow.status == "stopped" and slow.step == 10
+    assert out.best.status == "finished" and out.best.step == 40 and out.best.overrides["train.lr"] > 1e-5
+
+    client = MlflowClient(out.tracking_uri)
+    parent = client.get_run(out.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["denoiselab.study"] == "it-smoke"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    by_trial = {c.data.tags["search.trial_id"]: c for c in children}
+    for rec in out.records:
+        assert by_trial[rec.trial_id].data.tags["search.stopped_early"] == str(rec.stopped_early).lower()
+        assert by_trial[rec.trial_id].data.params["train.lr"] == str(rec.overrides["train.lr"])
+    artifacts = {a.path for a in client.list_artifacts(out.parent_run_id)}
+    assert {"leaderboard.md", "leaderboard.json", "best.yaml", "plots"} <= artifacts
+    assert client.get_model_version_by_alias("it-smoke-best", "best").run_id == out.best.run_id
+
+    ot = _optuna(tmp_path, "it-smoke")
+    assert [t.state.name for t in ot.trials] == ["COMPLETE"] * 4
+    assert {t.user_attrs["tune_trial_id"] for t in ot.trials} == {r.trial_id for r in out.records}
+    assert sum(t.user_attrs["stopped_early"] for t in ot.trials) == statuses.count("stopped")
+
+    from orchestrator.config_io import load_run_config
+    best = load_run_config(str(out.outputs["best_yaml"]))
+    assert best.train.lr == out.best.overrides["train.lr"] and best.name == "it-smoke-best"
+    wait_for(lambda: all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values()), 60, 0.5,
+             "every placement group removed (none leaked by stopped trials)")
+
+
+def test_metric_not_reported_stops_the_study_at_the_first_result(search_ray, tmp_path):
+    fields = _study(tmp_path, "it-metric", metric="fd_nope", budget={"trials": 1}, scheduler="none",
+                    space={"optim": {"lr": 1e-3}})
+    fields["base"]["train"].update(steps=10, checkpoint_every=5)
+    started = time.monotonic()
+    with pytest.raises(MetricNotReported, match=r"^metric: trials do not report 'fd_nope'; they report .*loss"):
+        run_search(SearchRequest(study_from_dict(fields), quiet=True))
+    print(f"metric check failed the study after {time.monotonic() - started:.0f}s")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("search-it")
+    parent = client.search_runs([exp.experiment_id], filter_string="tags.`denoiselab.study` = 'it-metric'")
+    assert parent[0].info.status == "FAILED"
+
+
+def _cli(tmp_path: Path, study_file: Path, env: dict, log: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "orchestrator", "search", str(study_file), "--address",
+                             env["RAY_ADDRESS"]], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / log, "a"), start_new_session=True)
+
+
+def _complete(tmp_path: Path, name: str) -> dict[str, float]:
+    try:
+        trials = _optuna(tmp_path, name).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    except Exception:  # noqa: BLE001 - not created yet, or the database is busy
+        return {}
+    return {t.user_attrs.get("tune_trial_id"): t.value for t in trials}
+
+
+def test_killed_study_resumes_without_repeating_finished_trials(search_ray, tmp_path):
+    fields = _study(tmp_path, "it-resume", budget={"trials": 3}, scheduler="none", sampler="random",
+                    space={"optim": {"lr": [1e-4, 3e-3]}})
+    fields["base"]["train"].update(steps=30)
+    study_file = tmp_path / "resume.yaml"
+    study_file.write_text(yaml.safe_dump(fields))
+    env = {**os.environ, "RAY_ADDRESS": search_ray["address"], "RAY_API_SERVER_ADDRESS": search_ray["api"],
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONPATH": str(REPO)}
+    started = time.monotonic()
+    proc = _cli(tmp_path, study_file, env, "first.log")
+    try:
+        wait_for(lambda: _complete(tmp_path, "it-resume") or proc.poll() is not None, 240, 1.0, "a finished trial")
+        time.sleep(4)                                     # Tune records it (experiment state every 1 s here)
+        before = _complete(tmp_path, "it-resume")
+        assert proc.poll() is None, "the study ended before it could be killed:\n" + \
+            (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        _kill_session(proc.pid)                           # a hard kill of the study's driver
+        proc.wait(30)
+    killed_at = time.monotonic() - started
+    finished_run = tmp_path / "runs" / f"it-resume-{next(iter(before))}" / "denoiselab" / "config.yaml"
+    stamp = finished_run.stat().st_mtime_ns
+    assert len(before) < 3
+    proc = _cli(tmp_path, study_file, env, "second.log")
+    try:
+        assert proc.wait(360) == 0, (tmp_path / "second.log").read_text()[-4000:]
+    finally:
+        _kill_session(proc.pid)
+    print(f"killed after {killed_at:.0f}s with {len(before)} trial(s) finished; resumed run took "
+          f"{time.monotonic() - started - killed_at:.0f}s")
+    assert "resuming study it-resume" in (tmp_path / "second.log").read_text()
+    after = _complete(tmp_path, "it-resume")
+    assert len(after) == 3 and all(after[t] == v for t, v in before.items())
+    assert finished_run.stat().st_mtime_ns == stamp, "a trial finished before the kill was run again"
+    board = json.loads((tmp_path / "out" / "it-resume" / "leaderboard.json").read_text())
+    assert sorted(t["trial_id"] for t in board["trials"]) == sorted(after)
+    assert all(t["status"] == "finished" and t["step"] == 30 for t in board["trials"])
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("search-it")
+    children = client.search_runs([exp.experiment_id], filter_string="tags.`search.status` = 'finished'")
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
