@@ -71,7 +71,7 @@ def decode_batch(images: Iterable[bytes], labels: Optional[np.ndarray], meta: di
     s, c = meta["image_size"], meta["channels"]
     arr = np.stack([np.frombuffer(b, dtype=np.uint8) for b in images]).reshape(-1, s, s, c)
     x = torch.from_numpy(arr.astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1.0
-    y = torch.from_numpy(np.asarray(labels, dtype=np.int64)) if labels is not None and meta["num_classes"] > 0 else None
+    y = torch.from_numpy(np.array(labels, dtype=np.int64)) if labels is not None and meta["num_classes"] > 0 else None
     return x.contiguous(), y
 
 
