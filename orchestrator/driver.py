@@ -272,11 +272,36 @@ def run_training(req: TrainRequest) -> TrainOutcome:
         client.set_tag(run_id, "checkpoint.final", checkpoint_uri)
     if req.register and checkpoint_uri:
         register_checkpoint(client, req.register, run_id, checkpoint_uri, dump_yaml(prep.cfg))
+    if prep.cfg.methods.curriculum is not None:
+        log_stage_plot(client, run_id, prep.storage, prep.name)
     client.set_terminated(run_id, "FINISHED")
     from orchestrator.evaluation import final_eval_metrics
     metrics = {**dict(result.metrics or {}), **final_eval_metrics(client, run_id)}
     return TrainOutcome(prep.name, run_id, prep.tracking_uri, checkpoint_uri, resumed_storage,
                         prep.storage.uri_of(prep.name), metrics)
+
+
+def log_stage_plot(client, run_id: str, storage: Storage, run_name: str) -> None:
+    """The curriculum's stage over steps, as ``plots/curriculum_stage.png`` (MLflow + storage)."""
+    import tempfile
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    history = sorted(client.get_metric_history(run_id, "curriculum/stage"), key=lambda m: m.step)
+    if not history:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
+    ax.step([m.step for m in history], [m.value for m in history], where="post")
+    ax.set_xlabel("step")
+    ax.set_ylabel("curriculum stage (active clusters)")
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "curriculum_stage.png")
+        fig.savefig(path)
+        client.log_artifact(run_id, path, artifact_path="plots")
+        with open(path, "rb") as fh:
+            storage.write_bytes(fh.read(), run_name, "denoiselab", "artifacts", "plots", "curriculum_stage.png")
+    plt.close(fig)
 
 
 def register_checkpoint(client, model_name: str, run_id: str, checkpoint_uri: str, config_yaml: str) -> str:
