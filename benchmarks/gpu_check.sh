@@ -7,7 +7,7 @@ OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 nvidia-smi -L | tee "$OUT/nvidia.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/nvidia.txt"
 timeout 240 python3 -m pytest tests/gpu -q -p no:cacheprovider -o addopts="" 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
-timeout 240 python3 benchmarks/throughput.py --device cuda --models DiT-S/2,DiT-B/2 --batch 256 --precision bf16 \
+timeout 240 python3 benchmarks/throughput.py --device cuda --models DiT-S/2,DiT-B/2 --batch 240 --precision bf16 \
   --steps 20 --warmup 5 2>&1 | tail -20 | tee "$OUT/throughput.log"
-timeout 150 python3 benchmarks/method_overhead.py --device cuda --model DiT-S/2 --image-size 32 --batch 64 \
+timeout 150 python3 benchmarks/method_overhead.py --device cuda --model DiT-S/2 --image-size 32 --batch 60 \
   --precision bf16 --rounds 5 --steps 20 --threads 8 2>&1 | tail -12 | tee "$OUT/method_overhead_cuda.log"
