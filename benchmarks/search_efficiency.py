@@ -8,8 +8,8 @@ the best that the full grid finds, as a fraction of the grid's compute.
    (``search.tuner.make_searcher`` / ``make_scheduler``, Ray Tune, 2 trials at a time): a
    replayed trial reports the recorded metric at each checkpoint, so the search pays exactly the
    steps it would have trained. Compute = training steps; the hit is the first full-budget trial
-   (in order of completion) whose final metric is within 2 % of the grid's best.
-   Several seeds; the table shows each, the JSON line the median.
+   (in order of completion) whose final metric is within 2 % (and 5 %) of the grid's best.
+   Several seeds; the table shows each, the JSON line the hit rate and the median fraction.
 
     .venv/bin/python benchmarks/search_efficiency.py [--out runs/bench-search] [--seeds 5] [--reuse]
 """
@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import emit, median, print_table  # noqa: E402
 
 LRS = [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
+TOLERANCES = (0.02, 0.05)          # the issue asks for 2 %; 5 % shows how sharp that edge is
 SPACE = {"optim": {"lr": {"choices": LRS}},
          "ant": {"count": 4, "rule": "uniform", "mtl": ["uw", "pcgrad"], "uw_lr": 0.025}}
 
@@ -97,13 +98,15 @@ def replay(out: Path, curves: dict, seed: int, trials: int) -> dict:
                            run_config=tune.RunConfig(name=name, storage_path=tmp, verbose=0))
         results = tuner.fit()
         ended = sorted((r.metrics["timestamp"], r.metrics["step"], r.metrics["loss"]) for r in results)
-    spent, hit_at = 0, None
+    spent, hits = 0, {tol: None for tol in TOLERANCES}
     for _, step, value in ended:
         spent += step
-        if hit_at is None and step >= prep.budget_steps and value <= best * 1.02:
-            hit_at = spent
-    return {"seed": seed, "steps_to_hit": hit_at, "steps_total": spent,
-            "stopped": sum(step < prep.budget_steps for _, step, _ in ended)}
+        for tol in TOLERANCES:
+            if hits[tol] is None and step >= prep.budget_steps and value <= best * (1 + tol):
+                hits[tol] = spent
+    row = {"seed": seed, "steps_total": spent, "stopped": sum(step < prep.budget_steps for _, step, _ in ended)}
+    row.update({f"to_{round(tol * 100)}pct": hits[tol] for tol in TOLERANCES})
+    return row
 
 
 def main() -> None:
@@ -122,18 +125,23 @@ def main() -> None:
     rows = []
     for seed in range(args.seeds):
         row = replay(out, grid["curves"], seed, args.trials)
-        row["fraction"] = row["steps_to_hit"] / grid["steps"] if row["steps_to_hit"] else None
+        for tol in TOLERANCES:
+            hit = row[f"to_{round(tol * 100)}pct"]
+            row[f"fraction_{round(tol * 100)}pct"] = hit / grid["steps"] if hit else None
         rows.append(row)
     ray.shutdown()
     best = min(c[-1][1] for c in grid["curves"].values())
     print(f"grid: {len(grid['curves'])} configs, {grid['steps']} steps, {grid['seconds']:.0f}s wall, best loss "
           f"{best:.4f}; ASHA (grace 1 report, rf 2) + TPE, {args.trials} trials, 2 at a time")
-    print_table(rows, ["seed", "steps_to_hit", "steps_total", "stopped", "fraction"])
-    hits = [r["fraction"] for r in rows if r["fraction"] is not None]
-    emit({"benchmark": "search_efficiency", "grid_configs": len(grid["curves"]), "grid_steps": grid["steps"],
-          "grid_seconds": round(grid["seconds"], 1), "grid_best": best, "seeds": args.seeds,
-          "hit_rate": len(hits) / args.seeds, "fraction_median": median(hits) if hits else None,
-          "total_fraction_median": median(r["steps_total"] / grid["steps"] for r in rows)})
+    print_table(rows, ["seed", "steps_total", "stopped", "to_2pct", "fraction_2pct", "to_5pct", "fraction_5pct"])
+    result = {"benchmark": "search_efficiency", "grid_configs": len(grid["curves"]), "grid_steps": grid["steps"],
+              "grid_seconds": round(grid["seconds"], 1), "grid_best": best, "seeds": args.seeds,
+              "trials": args.trials, "total_fraction_median": median(r["steps_total"] / grid["steps"] for r in rows)}
+    for tol in TOLERANCES:
+        hits = [r[f"fraction_{round(tol * 100)}pct"] for r in rows if r[f"fraction_{round(tol * 100)}pct"]]
+        result[f"hit_rate_{round(tol * 100)}pct"] = len(hits) / args.seeds
+        result[f"fraction_median_{round(tol * 100)}pct"] = median(hits) if hits else None
+    emit(result)
 
 
 if __name__ == "__main__":

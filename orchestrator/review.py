@@ -37,6 +37,7 @@ def open_store(tracking_uri: Optional[str]):
         raise TrackingError(f"--tracking-uri: no MLflow store at {uri.removeprefix('sqlite:///')}; "
                             f"pass --tracking-uri sqlite:///path/to/mlflow.db or http://server:5000")
     check_tracking(uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")     # grids are downloaded quietly
     from mlflow.tracking import MlflowClient
     return MlflowClient(uri), uri
 

@@ -68,7 +68,8 @@ def interval_heatmaps(series: Series, indexed: list[list[tuple[int, str]]]) -> O
         for row, (_, key) in enumerate(keys):
             for s, v in hist.get(key, []):
                 grid[row, col[s]] = math.log10(v) if v > 0 else np.nan
-        extent = (steps[0], steps[-1], -0.5, len(keys) - 0.5) if len(steps) > 1 else None
+        half = (steps[-1] - steps[0]) / (2 * (len(steps) - 1)) if len(steps) > 1 else 0.5
+        extent = (steps[0] - half, steps[-1] + half, -0.5, len(keys) - 0.5)          # cells centred on steps
         image = ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis",
                           extent=extent)
         fig.colorbar(image, ax=ax, label="log10 loss")

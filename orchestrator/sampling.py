@@ -61,8 +61,9 @@ def model_from_state(state: dict, use_ema: bool = True, device: str = "cpu"):
 
 
 def slim_state(state: dict, use_ema: bool = True) -> dict:
-    """Only what sampling needs (one set of weights, config, spec, intervals): what goes to workers."""
-    weights = state["ema"] if use_ema else state["model"]
+    """Only what sampling needs (one set of CPU weights, config, spec, intervals): what goes to
+    workers, which may have no GPU even when training had one."""
+    weights = {k: v.detach().cpu() for k, v in (state["ema"] if use_ema else state["model"]).items()}
     return {"config": state["config"], "model_spec": state["model_spec"], "intervals": state["intervals"],
             "step": state.get("step", 0), "ema": weights, "model": weights}
 

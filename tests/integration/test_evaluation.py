@@ -77,6 +77,21 @@ def test_seeds_split_across_two_workers(eval_run, s3, tmp_path):
     assert remote["npz"] == "s3://denoiselab/samples/eval-run/samples.npz"
 
 
+def test_sample_command(eval_run, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["sample", "eval-run", "--n", "70", "--steps", "2", "--workers", "2", "--storage", eval_run["runs"],
+                 "--out", str(out)]) == 0
+    assert "wrote 70 samples" in capsys.readouterr().out
+    meta = json.loads((out / "samples.json").read_text())
+    assert meta["n"] == 70 and meta["tasks"] == 2 and meta["steps"] == 2 and meta["weights"] == "ema"
+    with np.load(out / "samples.npz") as npz:
+        assert npz["arr_0"].shape == (70, 8, 8, 3)
+    assert main(["sample", "eval-run", "--n", "8", "--steps", "2", "--storage", eval_run["runs"],
+                 "--out", str(tmp_path / "grid.png")]) == 0                 # tiny: in process, grid only
+    with Image.open(tmp_path / "grid.png") as im:
+        assert im.size[0] > 64
+
+
 def test_training_evaluates_checkpoints_asynchronously(eval_run):
     out, client = eval_run["out"], MlflowClient(eval_run["uri"])
     history = sorted(client.get_metric_history(out.run_id, "fd_digits"), key=lambda m: m.step)

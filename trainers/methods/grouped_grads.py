@@ -4,9 +4,11 @@ A DiT has no interaction between samples, so the gradient of interval k's loss i
 gradient restricted to the samples whose timestep lies in interval k. For every Linear, patch
 Conv2d (kernel = stride) and Embedding we keep the layer input and capture the output gradient
 during one backward of Σ_k L_k, then form ``g_k = Σ_{n∈k} δ_nᵀ a_n`` per layer: the same FLOPs as
-one weight-gradient pass, split by interval, instead of K full backward passes. The last active
-interval is the total gradient minus the others. Networks with other parameterised layers, or a
-layer used twice in a forward pass, fall back to a batched backward (``is_grads_batched``).
+one weight-gradient pass, split by interval, instead of K full backward passes. The backward is
+asked only for the gradients of the layer OUTPUTS, so autograd skips its own weight-gradient
+GEMMs: the whole step costs about one ordinary backward. Networks with other parameterised
+layers, or a layer used twice in a forward pass, fall back to a batched backward
+(``is_grads_batched``).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ class GroupedGradientCapture:
         self.params = params
         self.complete = all(id(p) in covered for p in params)
         self.inputs: dict[nn.Module, torch.Tensor] = {}
+        self.outputs: dict[nn.Module, torch.Tensor] = {}
         self.grads: dict[nn.Module, torch.Tensor] = {}
         self.calls: dict[nn.Module, int] = {}
         self._handles: list = []
@@ -47,13 +50,13 @@ class GroupedGradientCapture:
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
-        self._handles, self.inputs, self.grads, self.calls = [], {}, {}, {}
+        self._handles, self.inputs, self.outputs, self.grads, self.calls = [], {}, {}, {}, {}
 
     def _hook(self, module: nn.Module, inputs, output) -> None:
         self.calls[module] = self.calls.get(module, 0) + 1
         self.inputs[module] = inputs[0].detach()
         if output.requires_grad:
-            output.register_hook(lambda g, m=module: self.grads.__setitem__(m, g))
+            self.outputs[module] = output
 
     def usable(self) -> bool:
         return self.complete and bool(self.inputs) and all(c == 1 for c in self.calls.values())
@@ -61,32 +64,28 @@ class GroupedGradientCapture:
     def gradients(self, total: torch.Tensor, task: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """[K, P] interval gradients from one backward of ``total`` (= Σ_k task_loss_k)."""
         k = len(active)
-        full = torch.autograd.grad(total, self.params, allow_unused=True)           # fires the output hooks
-        flat_total = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                for g, p in zip(full, self.params)])
-        out = torch.zeros(k, flat_total.numel(), device=flat_total.device)          # [K, P]
-        ids = [int(i) for i in torch.nonzero(active).flatten()]
-        if not ids:
-            return out
+        mods = list(self.outputs)
+        deltas = torch.autograd.grad(total, [self.outputs[m] for m in mods], allow_unused=True)  # no weight GEMMs
+        self.grads = {m: d for m, d in zip(mods, deltas) if d is not None}
+        out = torch.zeros(k, sum(p.numel() for p in self.params), device=total.device)   # [K, P]
         offsets, pos = {}, 0
         for p in self.params:
             offsets[id(p)] = pos
             pos += p.numel()
-        for group in ids[:-1]:
+        for group in (int(i) for i in torch.nonzero(active).flatten()):
             rows = torch.nonzero(task == group).flatten()
             for module in self.modules:
                 for name, grad in self._module_grads(module, rows).items():
                     p = getattr(module, name)
                     if id(p) in offsets:
                         out[group, offsets[id(p)]:offsets[id(p)] + p.numel()] = grad.reshape(-1)
-        out[ids[-1]] = flat_total - out[ids[:-1]].sum(0)
         return out
 
     def _module_grads(self, module: nn.Module, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        a = self.inputs[module].index_select(0, rows)
         g = self.grads.get(module)
         if g is None:
             return {}
+        a = self.inputs[module].index_select(0, rows)
         g = g.index_select(0, rows)
         if isinstance(module, nn.Embedding):
             w = torch.zeros_like(module.weight).index_add_(0, a.reshape(-1), g.reshape(-1, g.shape[-1]).float())
