@@ -270,7 +270,8 @@ def _cmd_search(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "review": _cmd_review, "data": _cmd_data, "sample": _cmd_sample, "intervals": _cmd_intervals,
+COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "review": _cmd_review,
+            "data": _cmd_data, "sample": _cmd_sample, "intervals": _cmd_intervals,
             "affinity": _cmd_affinity, "search": _cmd_search}
 
 

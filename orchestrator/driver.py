@@ -69,7 +69,7 @@ def connect_ray(address: Optional[str]) -> None:
         # placement-group cleaner never has to guess among several local Ray instances (it gives
         # up, and the placement groups of Tune-stopped trials leak: PLATFORM.md §1.8).
         port = _dashboard_port()
-        local = {"include_dashboard": True, "dashboard_port": port}
+        local = {"dashboard_port": port}
         env.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
     ray.init(address=address, runtime_env={"env_vars": env}, logging_level="ERROR",
              configure_logging=True, log_to_driver=True, **local)

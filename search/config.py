@@ -142,7 +142,8 @@ def _normalize(data: dict) -> dict:
 
 
 def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
-    """``--set`` items: study fields (``budget.trials=2``) vs run-config overrides (``train.lr=1e-3``)."""
+    """``--set`` items: study fields (``budget.trials=2``, ``storage=postgresql://…``) vs run-config
+    overrides (``train.lr=1e-3``, ``storage.path=s3://…``)."""
     study_keys = {f.name for f in fields(StudyConfig)}
     run_keys = {f.name for f in fields(RunConfig)}
     study, run = [], []
@@ -151,7 +152,7 @@ def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
         if "=" not in item:
             raise StudyError(f"--set {item!r}: expected key=value, e.g. budget.trials=4 or train.lr=0.001")
         head = key.split(".")[0]
-        if head in study_keys:
+        if head in study_keys and not (head in run_keys and "." in key):   # storage=URL vs storage.path=...
             study.append(item)
         elif head in run_keys:
             run.append(item)

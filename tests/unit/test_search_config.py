@@ -28,6 +28,9 @@ def test_set_routes_study_fields_and_run_overrides(tmp_path):
     assert study.budget.trials == 3 and study.scheduler.kind == "none"
     assert study.overrides == {"train.lr": 0.002} and set(study.space) == {"optim", "ant"}
     assert base_run_dict(study)["train"]["lr"] == 0.002
+    study = study_from_dict({"name": "s", "space": {"optim": {}}},
+                            sets=["storage=sqlite:////tmp/o.db", f"storage.path={tmp_path}/runs"])
+    assert study.storage == "sqlite:////tmp/o.db" and study.overrides == {"storage.path": f"{tmp_path}/runs"}
 
 
 def test_shipped_studies_load_and_validate():

@@ -30,8 +30,8 @@ from trainers.eval.frechet import feature_stats, frechet_distance
 from trainers.eval.inception import load_inception
 from trainers.eval.inception_score import inception_score
 from trainers.eval.precision_recall import precision_recall
-from trainers.eval.reference import (ReferenceStats, cache_lock, images_fingerprint, load_or_compute_reference, quantize,
-                                     reference_key, to_uint8)
+from trainers.eval.reference import (ReferenceStats, cache_lock, images_fingerprint, load_or_compute_reference,
+                                     quantize, reference_key, to_uint8)
 
 __all__ = ["Extractor", "builtin_extractor", "inception_extractor", "reference_for", "score_images",
            "BUILTIN_SETS", "FEATURE_NET_SEED", "PR_K", "metric_keys", "check_extractor_available"]
