@@ -64,15 +64,16 @@ def connect_ray(address: Optional[str]) -> None:
     if ray.is_initialized():
         return
     env, local = worker_env(), {}
-    if address is None:
-        # A local instance: pin its dashboard and point the State API at it, so Train V2's
-        # placement-group cleaner never has to guess among several local Ray instances (it gives
-        # up, and the placement groups of Tune-stopped trials leak: PLATFORM.md §1.8).
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        # A new local instance ("local": never attach to whatever a `ray start` left behind). Pin
+        # its dashboard and point the State API at it, so Train V2's placement-group cleaner never
+        # guesses among several local Ray instances (it gives up, and the placement groups of
+        # Tune-stopped trials leak: PLATFORM.md §1.8).
         port = _dashboard_port()
-        local = {"dashboard_port": port}
+        local = {"address": "local", "dashboard_port": port}
         env.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
-    ray.init(address=address, runtime_env={"env_vars": env}, logging_level="ERROR",
-             configure_logging=True, log_to_driver=True, **local)
+    ray.init(**{"address": address, **local}, runtime_env={"env_vars": env}, logging_level="ERROR",
+             configure_logging=True, log_to_driver=True)
 
 
 def _dashboard_port(preferred: int = 8265) -> int:

@@ -60,8 +60,7 @@ def collect_trials(trials, study, budget_steps: int, optuna_study) -> list[Trial
         config = trial.config or {}
         error = None
         if status == "error":
-            err = trial.get_error()
-            error = str(err).strip().splitlines()[-1][:300] if err else "error"
+            error = _error_line(trial)
         out.append(TrialRecord(trial.trial_id, trial_run_name(study.name, trial.trial_id), status,
                                _value(result, study.metric), int(step) if step is not None else None,
                                dict(config.get("overrides", {})),
@@ -69,6 +68,15 @@ def collect_trials(trials, study, budget_steps: int, optuna_study) -> list[Trial
                                numbers.get(trial.trial_id), error=error))
     out.sort(key=lambda r: (r.optuna_number is None, r.optuna_number or 0, r.trial_id))   # the order trials began
     return out
+
+
+def _error_line(trial) -> str:
+    try:
+        err = trial.get_error()
+    except Exception:  # noqa: BLE001 - the error file may be gone; the status says enough
+        err = None
+    lines = str(err).strip().splitlines() if err else []
+    return lines[-1][:300] if lines else "error"
 
 
 def mark_child_runs(records: list[TrialRecord], tracking_uri: str, experiment_id: str, parent_id: str) -> int:
