@@ -75,6 +75,8 @@ class DistRuntime:
         return self.rank == 0
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.world_size == 1:                  # a one-worker group: no collective per step
+            return tensor
         if op == "mean":
             self._dist.all_reduce(tensor, op=self._dist.ReduceOp.SUM)
             return tensor.div_(self.world_size)
@@ -82,7 +84,8 @@ class DistRuntime:
         return tensor
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        self._dist.broadcast(tensor, src=src)
+        if self.world_size > 1:
+            self._dist.broadcast(tensor, src=src)
         return tensor
 
     def wrap_model(self, model: nn.Module) -> nn.Module:

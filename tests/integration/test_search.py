@@ -165,3 +165,21 @@ def test_killed_study_resumes_without_repeating_finished_trials(search_ray, tmp_
     exp = client.get_experiment_by_name("search-it")
     children = client.search_runs([exp.experiment_id], filter_string="tags.`search.status` = 'finished'")
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+
+
+def test_shipped_smoke_study_runs_from_the_cli(tmp_path):
+    """`denoiselab search search/studies/smoke.yaml` as a user runs it (its own local Ray)."""
+    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "search", str(REPO / "search/studies/smoke.yaml"),
+                             "--set", f"output={tmp_path}/out", "--set", f"storage.path={tmp_path}/runs",
+                             "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        _kill_session(proc.pid)
+    assert proc.returncode == 0, output[-3000:]
+    board = json.loads((tmp_path / "out" / "leaderboard.json").read_text())
+    assert board["study"] == "smoke" and len(board["trials"]) == 4
+    assert (tmp_path / "out" / "best.yaml").exists()
