@@ -30,7 +30,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/method_overhead.py
+	$(PY) benchmarks/ray_overhead.py
 
 clean:
 	rm -rf $(VENV) runs mlflow.db .pytest_cache
