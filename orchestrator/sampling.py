@@ -31,15 +31,13 @@ import torch
 from orchestrator.checkpoints import read_checkpoint, resolve_checkpoint
 from orchestrator.data_io import write_dataset
 from orchestrator.storage import open_storage
-from trainers.build import build_all
-from trainers.checkpoint import check_compatible
+from trainers.build import network_from_state
 from trainers.config import RunConfig, load_config
 from trainers.data import ArrayDataset
 from trainers.diffusion import sample
 from trainers.errors import ConfigError
 from trainers.eval.reference import from_uint8, to_uint8
 from trainers.images import make_grid, png_bytes
-from trainers.methods import Intervals
 
 __all__ = ["model_from_state", "sample_local", "SampleSpec", "SampleSet", "slim_state", "sample_blocks",
            "sample_images", "write_samples", "sampling_mode", "num_blocks", "block_seed", "SEED_BLOCK", "GRID_MAX"]
@@ -50,14 +48,7 @@ GRID_MAX = 100
 
 def model_from_state(state: dict, use_ema: bool = True, device: str = "cpu"):
     """(network, diffusion, cfg, spec) rebuilt from a checkpoint state."""
-    cfg = load_config(state["config"])
-    spec = state["model_spec"]
-    model, diffusion, _, _, built = build_all(cfg, image_size=spec["image_size"], channels=spec["channels"],
-                                              num_classes=spec["num_classes"],
-                                              intervals=Intervals.from_list(state["intervals"]))
-    check_compatible(state, built)
-    model.load_state_dict(state["ema"] if use_ema else state["model"])
-    return model.to(device).eval(), diffusion, cfg, spec
+    return network_from_state(state, use_ema=use_ema, device=device)
 
 
 def slim_state(state: dict, use_ema: bool = True) -> dict:
@@ -130,7 +121,8 @@ def sample_blocks(state: dict, spec: SampleSpec, blocks: list[int], device: str 
         gen = torch.Generator().manual_seed(block_seed(spec.seed, b))
         x = sample(model, diffusion, (spec.block, ch, size, size), steps=cfg.sample.steps,
                    sampler=cfg.sample.sampler, y=y, null_class=k if k > 0 else None,
-                   guidance=cfg.sample.guidance, eta=cfg.sample.eta, generator=gen, device=device)
+                   guidance=cfg.sample.guidance, eta=cfg.sample.eta, generator=gen, device=device,
+                   clip_x0=cfg.clip_x0)
         images.append(to_uint8(x[:hi - lo]))                                  # [n_b, H, W, C]
         idx.append(np.arange(lo, hi))
         if k > 0:

@@ -188,7 +188,7 @@ def loss_space(d: Draw) -> None:
     if weighting == "min_snr":
         d.set("loss.gamma", d("min_snr_gamma"))
     elif weighting == "p2":
-        d.set("loss.gamma", d("p2_gamma"))
+        d.set("loss.p2_gamma", d("p2_gamma"))
         d.set("loss.p2_k", d("p2_k"))
 
 

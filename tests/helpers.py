@@ -1,15 +1,34 @@
-"""Shared test helpers: tiny configs, free ports, waiting."""
+"""Shared test helpers: tiny configs, real digits, free ports, waiting.
+
+Everything here builds real parts (real config loading, real DiT, real digits data); only the size
+is small: DiT-N/2 on the 8x8 digits, 100 diffusion steps, batch 16.
+"""
 from __future__ import annotations
 
+import copy
+import functools
+import json
 import socket
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from trainers.config import RunConfig, load_config
+from trainers.data import ArrayDataset, StepBatches, load_digits
+
+__all__ = ["free_port", "wait_for", "deep_merge", "tiny_dict", "tiny_config", "ray_run_dict", "digits",
+           "batches_for", "randomize_", "read_metrics", "methods_for", "T_TINY", "K_TINY"]
+
+T_TINY = 100          # diffusion.steps in tiny configs
+K_TINY = 4            # intervals.count in tiny configs
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.2, what: str = "condition") -> None:
@@ -21,12 +40,85 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
-def tiny_config(**sections) -> dict:
-    """A seconds-scale run on digits: DiT-N/2, T=100 steps of diffusion, batch 16."""
-    cfg = {"model": {"name": "DiT-N/2"}, "diffusion": {"steps": 100}, "data": {"name": "digits"},
-           "intervals": {"count": 4}, "train": {"steps": 20, "batch_size": 16, "lr": 1e-3, "log_every": 5,
-                                                 "checkpoint_every": 10},
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def tiny_dict(methods: Optional[dict] = None, **sections: Any) -> dict:
+    """Raw config of an in-process tiny run (6 steps); ``sections`` are deep-merged on top."""
+    base = {
+        "model": {"name": "DiT-N/2", "class_dropout": 0.1},
+        "diffusion": {"schedule": "linear", "steps": T_TINY},
+        "intervals": {"rule": "uniform", "count": K_TINY},
+        "methods": methods or {},
+        "train": {"steps": 6, "batch_size": 16, "lr": 1e-3, "log_every": 1, "checkpoint_every": 1000,
+                  "ema_decay": 0.9, "seed": 0},
+        "sample": {"n": 0, "steps": 4},
+    }
+    return deep_merge(base, sections)
+
+
+def tiny_config(methods: Optional[dict] = None, **sections: Any) -> RunConfig:
+    return load_config(tiny_dict(methods, **sections))
+
+
+def ray_run_dict(**sections) -> dict:
+    """Raw config of a seconds-scale Ray Train run on digits (20 steps, checkpoints every 10);
+    each section given replaces keys of the default section (shallow per section)."""
+    cfg = {"model": {"name": "DiT-N/2"}, "diffusion": {"steps": T_TINY}, "data": {"name": "digits"},
+           "intervals": {"count": K_TINY}, "train": {"steps": 20, "batch_size": 16, "lr": 1e-3, "log_every": 5,
+                                                     "checkpoint_every": 10},
            "sample": {"n": 4, "steps": 5}}
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     return cfg
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> ArrayDataset:
+    return load_digits()
+
+
+def digits() -> ArrayDataset:
+    return _digits()
+
+
+def batches_for(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> StepBatches:
+    return StepBatches(digits(), cfg.train.batch_size, rank=rank, world_size=world_size, seed=cfg.data.seed)
+
+
+@torch.no_grad()
+def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Add seeded noise to every parameter, in ``parameters()`` order.
+
+    DiT's adaLN-Zero init makes every block an identity and the output exactly zero, which would
+    make many comparisons vacuous; this gives every parameter a non-trivial value.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+    return module
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def methods_for(key: tuple[str, ...]) -> dict:
+    """``methods:`` mapping for a combination key such as ``("ant-uw", "curriculum")``, built from
+    each registered method's own example config."""
+    from trainers.methods.registry import example_config
+    out: dict = {}
+    for variant in key:
+        fragment = example_config(variant)
+        if fragment is None:
+            raise KeyError(f"no registered method has the variant {variant!r}")
+        out = deep_merge(out, fragment)
+    return out

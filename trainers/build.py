@@ -1,11 +1,11 @@
 """Build the pieces of a run from its config: intervals, diffusion, model (+ transforms), plan.
 
 Used by the training loop, by sampling and by evaluation, so a checkpoint is always rebuilt with
-the same code path that trained it.
+the same code path that trained it. The network is built in stages (``trainers/weights.py``):
+backbone, then base weights, then the plan's transforms.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -15,11 +15,13 @@ import torch
 from trainers.config import RunConfig
 from trainers.diffusion import GaussianDiffusion
 from trainers.diffusion.schedule import snr as snr_of
-from trainers.errors import ConfigError, DataError
+from trainers.errors import CheckpointError, ConfigError, DataError
 from trainers.methods import BuildContext, Intervals, Plan, compose, resolve_intervals
-from trainers.models import build_model, model_spec
+from trainers.models import build_model, model_spec, spec_to_dict
+from trainers.weights import load_backbone
 
-__all__ = ["resolve_run_intervals", "build_diffusion", "build_network", "build_context", "load_affinity"]
+__all__ = ["resolve_run_intervals", "build_diffusion", "build_network", "build_context", "load_affinity",
+           "build_all", "network_from_state"]
 
 
 def load_affinity(path: str) -> np.ndarray:
@@ -52,23 +54,28 @@ def build_diffusion(cfg: RunConfig) -> GaussianDiffusion:
     return GaussianDiffusion.from_config(cfg.diffusion.schedule, cfg.diffusion.steps, cfg.diffusion.learn_sigma)
 
 
-def build_context(cfg: RunConfig, intervals: Intervals, world_size: int) -> BuildContext:
+def build_context(cfg: RunConfig, intervals: Intervals, world_size: int,
+                  device: str | torch.device = "cpu") -> BuildContext:
     return BuildContext(intervals=intervals, num_timesteps=cfg.diffusion.steps,
                         snr=snr_of(cfg.diffusion.schedule, cfg.diffusion.steps),
                         local_batch=cfg.train.batch_size // world_size, world_size=world_size,
-                        seed=cfg.train.seed)
+                        seed=cfg.train.seed, device=torch.device(device))
 
 
-def build_network(cfg: RunConfig, *, image_size: int, channels: int, num_classes: int,
-                  plan: Plan, ctx: BuildContext, seed: int) -> tuple[torch.nn.Module, dict]:
-    """The network with every model transform applied, and its spec as a plain dict."""
+def build_network(cfg: RunConfig, *, image_size: int, channels: int, num_classes: int, plan: Plan,
+                  ctx: BuildContext, seed: int, base: Optional[dict] = None,
+                  base_source: str = "init_from") -> tuple[torch.nn.Module, dict]:
+    """The network, its base weights (``base``: backbone keys, optional) loaded before the plan's
+    transforms are applied, and its spec as a plain dict (with the model family)."""
     spec = model_spec(cfg.model, image_size=image_size, channels=channels, num_classes=num_classes,
                       learn_sigma=cfg.diffusion.learn_sigma)
     torch.manual_seed(seed)                      # identical initial weights on every rank
     model = build_model(spec)
+    if base is not None:
+        load_backbone(model, base, base_source)
     for transform in plan.transforms:
         model = transform.apply(model, ctx)
-    return model, asdict(spec)
+    return model, spec_to_dict(spec)
 
 
 def build_all(cfg: RunConfig, *, image_size: int, channels: int, num_classes: int, world_size: int = 1,
@@ -81,3 +88,30 @@ def build_all(cfg: RunConfig, *, image_size: int, channels: int, num_classes: in
     model, spec = build_network(cfg, image_size=image_size, channels=channels, num_classes=num_classes,
                                 plan=plan, ctx=ctx, seed=cfg.train.seed)
     return model, build_diffusion(cfg), plan, intervals, spec
+
+
+def network_from_state(state: dict, use_ema: bool = True, base: Optional[dict] = None,
+                       device: str | torch.device = "cpu"):
+    """(network, diffusion, cfg, spec) rebuilt from a checkpoint state, for sampling and evaluation.
+
+    A checkpoint of a frozen-backbone run holds only its adapters: ``base`` (the backbone weights
+    it references, already checked by the caller) must be given."""
+    from trainers.config import load_config
+    from trainers.checkpoint import check_compatible
+    from trainers.weights import load_run_weights
+    cfg = load_config(state["config"])
+    spec = state["model_spec"]
+    frozen = state.get("base") is not None
+    if frozen and base is None:
+        raise CheckpointError(f"checkpoint of run {cfg.name or '?'}: patches a base checkpoint "
+                              f"({state['base'].get('uri', '?')}) that was not loaded; open it with "
+                              f"denoiselab sample/evaluate, which fetch the base")
+    intervals = Intervals.from_list(state["intervals"])
+    ctx = build_context(cfg, intervals, 1)
+    plan = compose(cfg.methods, ctx, device)
+    model, built = build_network(cfg, image_size=spec["image_size"], channels=spec["channels"],
+                                 num_classes=spec["num_classes"], plan=plan, ctx=ctx, seed=cfg.train.seed,
+                                 base=base, base_source=f"base of run {cfg.name or '?'}")
+    check_compatible(state, built)
+    load_run_weights(model, state["ema"] if use_ema else state["model"], frozen, "checkpoint")
+    return model.to(device).eval(), build_diffusion(cfg), cfg, spec

@@ -1,13 +1,20 @@
 """Checkpoint files: one ``state.pt`` per checkpoint, written atomically, read with
 ``weights_only=True`` (no pickled code runs on load). A state holds everything needed to continue
-bit-for-bit: model, EMA, optimizer, scaler, step, every plug-in's state and the resolved config
-(ARCHITECTURE.md §5.6). Randomness needs no saved state: every step's generator is seeded from
-(seed, step), so the data position and noise of step k are functions of k.
+bit-for-bit: model, EMA, optimizer, scaler, step, every plug-in's state and the resolved config.
+Randomness needs no saved state: every step's generator is seeded from (seed, step), so the data
+position and noise of step k are functions of k.
+
+Format 2 (current): transforms live in adapters, so backbone keys never carry a method's name;
+plug-in states have a ``pacer`` entry of their own; ``model_spec`` names its model family. Format 1
+checkpoints are migrated on load (DTR's ``blocks.N.inner.*`` keys, the pacer inside the sampler).
+A run on a frozen backbone stores only its adapter weights plus ``base`` (where the backbone
+came from and its content hash).
 """
 from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +23,28 @@ import torch
 from trainers.errors import CheckpointError
 
 __all__ = ["save_state", "load_state", "state_to_bytes", "state_from_bytes", "check_compatible",
-           "STATE_FILE"]
+           "migrate_state", "STATE_FILE", "FORMAT"]
 
 STATE_FILE = "state.pt"
+FORMAT = 2
+_INNER = re.compile(r"^(blocks\.\d+\.)inner\.")
+
+
+def migrate_state(state: dict) -> dict:
+    """Bring an older checkpoint to the current format (in place; returns it)."""
+    if int(state.get("format", 1)) >= FORMAT:
+        return state
+    for key in ("model", "ema"):
+        if isinstance(state.get(key), dict):
+            state[key] = {_INNER.sub(r"\1", k): v for k, v in state[key].items()}
+    plugins = state.get("plugins", {})
+    sampler = plugins.get("sampler", {})
+    if isinstance(sampler, dict) and "pacer" in sampler and "pacer" not in plugins:
+        plugins["pacer"] = sampler.pop("pacer")
+    if isinstance(state.get("model_spec"), dict):
+        state["model_spec"].setdefault("family", "DiT")
+    state["format"] = FORMAT
+    return state
 
 
 def state_to_bytes(state: dict) -> bytes:
@@ -36,7 +62,7 @@ def state_from_bytes(data: bytes, source: str = "checkpoint") -> dict:
                               f"delete it or point at another step") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{source}: not a denoiselab checkpoint (no model/config entries)")
-    return state
+    return migrate_state(state)
 
 
 def save_state(directory: str | os.PathLike, state: dict) -> Path:
@@ -63,6 +89,7 @@ def load_state(path: str | os.PathLike) -> dict:
 def check_compatible(state: dict, spec: dict[str, Any], source: str = "checkpoint") -> None:
     """Refuse a checkpoint whose model spec differs from the configured one."""
     saved = state.get("model_spec", {})
+    saved = {**saved, "family": saved.get("family", "DiT")}
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in spec.items() if saved.get(k) != v]
     if diffs:
         raise CheckpointError(f"{source}: was trained with a different model config ({'; '.join(diffs[:3])}); "

@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from trainers.configlib import apply_overrides, from_dict, to_dict
 from trainers.errors import ConfigError
@@ -33,13 +33,11 @@ __all__ = [
 class ModelConfig:
     name: str = "DiT-T/2"          # DiT-{N,T,S,B,L,XL}/{2,4,8}; N and T are CPU-sized
     class_dropout: float = 0.1     # label dropout for classifier-free guidance
-    hidden_size: Optional[int] = None   # optional overrides of the named size
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
+    arch: dict[str, Any] = field(default_factory=dict)   # family options, e.g. DiT {depth: 6, hidden_size: 96}
 
     def __post_init__(self) -> None:
-        from trainers.models.registry import check_model_name
-        check_model_name(self.name)
+        from trainers.models.registry import model_options
+        model_options(self.name, self.arch)          # the family exists and its options are valid
         if not 0.0 <= self.class_dropout < 1.0:
             raise ConfigError("model.class_dropout: must be in [0, 1)")
 
@@ -72,10 +70,15 @@ class DataConfig:
         if self.image_size < 4:
             raise ConfigError("data.image_size: must be at least 4")
 
+    @property
+    def pixels(self) -> bool:
+        """Pixel data in [-1, 1] (every set so far); latent data is not bounded."""
+        return True
+
 
 @dataclass(frozen=True)
 class IntervalsConfig:
-    """The timestep partition shared by ANT, the curriculum and MEME (ARCHITECTURE.md §4)."""
+    """The timestep partition shared by ANT and MEME (docs/architecture.md, "intervals")."""
     rule: Literal["uniform", "timestep", "snr", "log-snr", "affinity", "explicit"] = "uniform"
     count: int = 5
     min_width: int = 1
@@ -94,14 +97,15 @@ class IntervalsConfig:
 @dataclass(frozen=True)
 class LossConfig:
     weighting: Literal["constant", "min_snr", "p2"] = "constant"
-    gamma: float = 5.0             # min_snr: γ; p2: exponent γ
-    p2_k: float = 1.0
+    gamma: float = 5.0             # Min-SNR-γ (Hang et al. 2023; typical 5)
+    p2_gamma: float = 1.0          # P2 exponent γ (Choi et al. 2022: 1)
+    p2_k: float = 1.0              # P2 offset k (Choi et al. 2022: 1)
 
     def __post_init__(self) -> None:
-        if self.weighting == "min_snr" and self.gamma <= 0:
-            raise ConfigError("loss.gamma: must be > 0 for min_snr (typical: 5)")
-        if self.weighting == "p2" and (self.gamma < 0 or self.p2_k <= 0):
-            raise ConfigError("loss.gamma/p2_k: p2 needs gamma >= 0 and p2_k > 0 (typical: 1, 1)")
+        if self.gamma <= 0:
+            raise ConfigError("loss.gamma: must be > 0 (Min-SNR-γ; typical: 5)")
+        if self.p2_gamma < 0 or self.p2_k <= 0:
+            raise ConfigError("loss.p2_gamma/p2_k: P2 needs p2_gamma >= 0 and p2_k > 0 (paper: 1, 1)")
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,7 @@ class SampleConfig:
     guidance: float = 1.0          # classifier-free guidance scale; 1 disables
     n: int = 64
     eta: float = 0.0
+    clip_x0: Optional[bool] = None # clamp predicted x0 to [-1, 1]; null: on for pixel data, off for latents
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.n < 0:
@@ -220,6 +225,11 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return to_dict(self)
+
+    @property
+    def clip_x0(self) -> bool:
+        """Whether sampling clamps x0 to [-1, 1]: ``sample.clip_x0``, else by the data."""
+        return self.data.pixels if self.sample.clip_x0 is None else self.sample.clip_x0
 
     def replace(self, **sections) -> "RunConfig":
         return dataclasses.replace(self, **sections)

@@ -1,5 +1,8 @@
 """Strict typed loading of frozen dataclass configs from plain dicts, and dotted overrides.
 
+A section whose keys come from a registry (``methods:``) is a class with ``from_config(value,
+path)`` and ``to_config()``; everything else is a frozen dataclass.
+
 One path for every source of configuration: a YAML file (parsed to a dict by the orchestrator),
 ``--set a.b=c`` on the CLI, and a Tune trial's overrides all go through :func:`apply_overrides`
 and :func:`from_dict`. Unknown keys and wrong types raise :class:`ConfigError` naming the dotted
@@ -58,6 +61,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if value not in choices:
             raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, choices))}")
         return value
+    if isinstance(tp, type) and hasattr(tp, "from_config"):     # a registry-backed section
+        return value if isinstance(value, tp) else tp.from_config(value, path)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -134,6 +139,8 @@ def _join(path: str, key: str) -> str:
 
 def to_dict(obj: Any) -> Any:
     """Plain-python (JSON/YAML/torch.save-safe) form of a config."""
+    if hasattr(obj, "to_config"):
+        return obj.to_config()
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):

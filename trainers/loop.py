@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from trainers.build import build_context, build_diffusion, build_network, resolve_run_intervals
-from trainers.checkpoint import check_compatible
+from trainers.checkpoint import FORMAT, check_compatible
 from trainers.config import RunConfig
 from trainers.data import BatchSource
 from trainers.diffusion import sample
@@ -24,47 +24,99 @@ from trainers.methods import Intervals, compose
 from trainers.reporting import Reporter
 from trainers.runtime import Runtime
 from trainers.step import TrainState, train_step
+from trainers.weights import adapter_weights, backbone_weights, freeze_backbone, load_run_weights
 
 __all__ = ["train", "build_state", "make_state", "sample_grid"]
 
 
 def build_state(cfg: RunConfig, runtime: Runtime, batches: BatchSource, *, resume: Optional[dict] = None,
-                init: Optional[dict] = None, intervals: Optional[Intervals] = None) -> TrainState:
-    """Everything the step needs, restored from ``resume`` (same run) or ``init`` (weights only)."""
+                init: Optional[dict] = None, intervals: Optional[Intervals] = None,
+                base_ref: Optional[dict] = None) -> TrainState:
+    """Everything the step needs. ``init``: a checkpoint whose EMA weights start the backbone (a new
+    run from ``init_from``, or the base a frozen-backbone run patches); ``resume``: this run's own
+    latest checkpoint; ``base_ref``: what a frozen-backbone checkpoint records about ``init``."""
     if resume is not None:
         intervals = Intervals.from_list(resume["intervals"])
+        base_ref = resume.get("base", base_ref)
     elif intervals is None:
         intervals, _ = resolve_run_intervals(cfg)
-    ctx = build_context(cfg, intervals, runtime.world_size)
-    plan = compose(cfg.methods, ctx, runtime.device)
+    ctx = build_context(cfg, intervals, runtime.world_size, runtime.device)
+    plan = compose(cfg.methods, ctx)
+    base = _base_weights(cfg, plan, resume, init)
     model, spec = build_network(cfg, image_size=batches.image_size, channels=batches.channels,
-                                num_classes=batches.num_classes, plan=plan, ctx=ctx, seed=cfg.train.seed)
-    source = resume if resume is not None else init
-    if source is not None:
-        what = "resume" if resume is not None else f"init_from={cfg.init_from}"
-        check_compatible(source, spec, what)
-        try:
-            model.load_state_dict(source["ema"] if resume is None else source["model"])
-        except RuntimeError as err:                 # same spec, different transforms (e.g. DTR on/off)
-            first = str(err).strip().splitlines()[0]
-            raise CheckpointError(f"{what}: the checkpoint's weights do not fit this run's model "
-                                  f"({first}); use the same methods as the run that wrote it") from None
-    model.to(runtime.device)
-    ema = EMA(model, cfg.train.ema_decay)
+                                num_classes=batches.num_classes, plan=plan, ctx=ctx, seed=cfg.train.seed,
+                                base=base, base_source=f"init_from={cfg.init_from}")
+    for source, what in ((init, f"init_from={cfg.init_from}"), (resume, "resume")):
+        if source is not None:
+            check_compatible(source, spec, what)
+    _check_same_plan(resume, plan)
+    if plan.freeze_backbone:
+        freeze_backbone(model)
     if resume is not None:
-        ema.load_state_dict(resume["ema"])
+        load_run_weights(model, resume["model"], plan.freeze_backbone, "resume")
+    model.to(runtime.device)
+    groups = _param_groups(cfg, model, plan)
+    ema = EMA(model, cfg.train.ema_decay, follow=_followed(model, plan))
+    if resume is not None:
+        ema.load_state_dict(resume["ema"], strict=not plan.freeze_backbone)
     wrapped = runtime.wrap_model(torch.compile(model) if cfg.train.compile else model)
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.train.lr,
-               "weight_decay": cfg.train.weight_decay, "name": "model"}] + plan.weighter.param_groups()
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scaler = _scaler(cfg, runtime, plan)
     state = TrainState(model=wrapped, raw_model=model, ema=ema, optimizer=optimizer, scaler=scaler,
                        diffusion=build_diffusion(cfg), plan=plan, intervals=intervals, runtime=runtime, cfg=cfg,
                        null_class=batches.num_classes if batches.num_classes > 0 else None)
-    state.spec = spec
+    state.spec, state.base_ref = spec, base_ref if plan.freeze_backbone else None
     if resume is not None:
         _load_resume(state, resume)
     return state
+
+
+def _check_same_plan(resume: Optional[dict], plan) -> None:
+    if resume is None or "plan" not in resume:
+        return
+    was, now = resume["plan"].get("methods"), plan.describe()["methods"]
+    if was != now:
+        raise CheckpointError(f"resume: the checkpoint was written by methods {was}, this run has {now}; use the "
+                              f"same methods as the run that wrote it (init_from starts a new run from its weights)")
+
+
+def _base_weights(cfg: RunConfig, plan, resume: Optional[dict], init: Optional[dict]) -> Optional[dict]:
+    """Backbone weights loaded before the transforms: the base of a frozen-backbone run (also on
+    resume, where the checkpoint holds only the adapters), else ``init_from``'s EMA on a new run."""
+    if plan.freeze_backbone:
+        if init is None:
+            where = (f"its base checkpoint ({resume['base'].get('uri', '?')}) was not loaded"
+                     if resume is not None and resume.get("base") else "set init_from=RUN_OR_CHECKPOINT")
+            raise ConfigError(f"init_from: methods {'+'.join(plan.key)} train on a frozen, pretrained "
+                              f"backbone; {where}")
+        return backbone_weights(init["ema"])
+    if resume is None and init is not None:
+        return backbone_weights(init["ema"])
+    return None
+
+
+def _param_groups(cfg: RunConfig, model: torch.nn.Module, plan) -> list[dict]:
+    """AdamW groups: the model's trainable parameters, then every plug-in's declared group."""
+    declared = [g for t in plan.transforms for g in t.param_groups(model)] + plan.weighter.param_groups()
+    claimed = {id(p) for g in declared for p in g.params}
+    default = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed]
+    tc = cfg.train
+    groups = [{"params": default, "lr": tc.lr, "weight_decay": tc.weight_decay, "name": "model"}] if default else []
+    for g in declared:
+        groups.append({"params": [p for p in g.params if p.requires_grad], "name": g.name,
+                       "lr": tc.lr if g.lr is None else g.lr,
+                       "weight_decay": tc.weight_decay if g.weight_decay is None else g.weight_decay})
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ConfigError(f"methods: nothing to train (methods {'+'.join(plan.key) or 'vanilla'} froze every "
+                          f"parameter)")
+    return groups
+
+
+def _followed(model: torch.nn.Module, plan) -> set[str]:
+    """Names of parameters declared ``ema=False``: the EMA copy follows the live value."""
+    ids = {id(p) for t in plan.transforms for g in t.param_groups(model) if not g.ema for p in g.params}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
 
 
 def _scaler(cfg: RunConfig, runtime: Runtime, plan):
@@ -82,17 +134,25 @@ def _load_resume(state: TrainState, resume: dict) -> None:
         state.scaler.load_state_dict(resume["scaler"])
     for name, obj in state.plan.stateful().items():
         obj.load_state_dict(resume["plugins"].get(name, {}))
+    state.plan.sync_pacer()
     state.step = int(resume["step"])
 
 
 def make_state(state: TrainState) -> dict:
-    """The checkpoint: enough to continue bit-for-bit (ARCHITECTURE.md §5.6)."""
-    return {"format": 1, "step": state.step, "model": state.raw_model.state_dict(),
-            "ema": state.ema.state_dict(), "optimizer": state.optimizer.state_dict(),
-            "scaler": state.scaler.state_dict() if state.scaler is not None else {},
-            "plugins": {name: obj.state_dict() for name, obj in state.plan.stateful().items()},
-            "config": state.cfg.to_dict(), "intervals": state.intervals.to_list(),
-            "model_spec": state.spec, "plan": state.plan.describe()}
+    """The checkpoint: enough to continue bit-for-bit. On a frozen backbone only the adapters are
+    stored, with ``base`` saying where the backbone comes from."""
+    model, ema = state.raw_model.state_dict(), state.ema.state_dict()
+    if state.plan.freeze_backbone:
+        model, ema = adapter_weights(model), adapter_weights(ema)
+    out = {"format": FORMAT, "step": state.step, "model": model, "ema": ema,
+           "optimizer": state.optimizer.state_dict(),
+           "scaler": state.scaler.state_dict() if state.scaler is not None else {},
+           "plugins": {name: obj.state_dict() for name, obj in state.plan.stateful().items()},
+           "config": state.cfg.to_dict(), "intervals": state.intervals.to_list(),
+           "model_spec": state.spec, "plan": state.plan.describe()}
+    if state.base_ref is not None:
+        out["base"] = dict(state.base_ref)
+    return out
 
 
 @torch.no_grad()
@@ -103,7 +163,8 @@ def sample_grid(model: torch.nn.Module, diffusion, cfg: RunConfig, *, image_size
     gen = torch.Generator().manual_seed(seed)
     return sample(model, diffusion, (n, channels, image_size, image_size), steps=cfg.sample.steps,
                   sampler=cfg.sample.sampler, y=y, null_class=num_classes if num_classes > 0 else None,
-                  guidance=cfg.sample.guidance, eta=cfg.sample.eta, generator=gen, device=device)
+                  guidance=cfg.sample.guidance, eta=cfg.sample.eta, generator=gen, device=device,
+                  clip_x0=cfg.clip_x0)
 
 
 def _grid_png(state: TrainState, batches: BatchSource) -> bytes:
@@ -115,9 +176,9 @@ def _grid_png(state: TrainState, batches: BatchSource) -> bytes:
 
 def train(cfg: RunConfig, runtime: Runtime, reporter: Reporter, batches: BatchSource, *,
           resume: Optional[dict] = None, init: Optional[dict] = None,
-          intervals: Optional[Intervals] = None) -> dict:
+          intervals: Optional[Intervals] = None, base_ref: Optional[dict] = None) -> dict:
     """Train to ``cfg.train.steps``; returns a summary (final step, last metrics, timings)."""
-    state = build_state(cfg, runtime, batches, resume=resume, init=init, intervals=intervals)
+    state = build_state(cfg, runtime, batches, resume=resume, init=init, intervals=intervals, base_ref=base_ref)
     tc, metrics, last_ckpt = cfg.train, {}, state.step if resume is not None else 0
     window_start, window_steps, started = time.perf_counter(), 0, time.perf_counter()
     images_per_step = cfg.train.batch_size
@@ -132,9 +193,7 @@ def train(cfg: RunConfig, runtime: Runtime, reporter: Reporter, batches: BatchSo
         if done % tc.log_every == 0 or done == tc.steps:
             elapsed = max(time.perf_counter() - window_start, 1e-9)
             metrics.update(steps_per_s=window_steps / elapsed, images_per_s=window_steps * images_per_step / elapsed)
-            metrics.update(state.plan.sampler.metrics())
-            metrics.update(state.plan.weighter.metrics())
-            metrics.update(state.plan.combiner.metrics())
+            metrics.update(state.plan.metrics())
             reporter.log(done, metrics)
             window_start, window_steps = time.perf_counter(), 0
         if tc.sample_every and done % tc.sample_every == 0 and runtime.is_main:

@@ -1,12 +1,14 @@
-"""The one place where the per-step order of the method slots is written (ARCHITECTURE.md §4).
+"""The one place where the per-step order of the method slots is written (docs/architecture.md).
 
-    t          = sampler.sample(...)                 H1 (ANT stratified / curriculum)
+    t, w       = sampler.sample(...)                 sampler (uniform / ANT stratified / MEME soft),
+                                                     narrowed by the pacer (curriculum)
     x_t        = q_sample(x0, t, ε)
-    out        = model(x_t, t, y)                    H2 (DTR inside the blocks)
-    ℓ_n        = w(t)·mse_n + vb_n                   H3 (Min-SNR / P2), per sample [N]
+    out        = model(x_t, t, y)                    transforms act inside (DTR, DMP adapters)
+    ℓ_n        = w_n·(λ(t)·mse_n + vb_n)             per sample [N]; λ = Min-SNR / P2
     S_k, C_k   = per-interval sums and counts        (one all-reduce for counts + metrics)
-    .grad      = combiner(weighter, S/C)             H4 (mean / UW), H5 (sum / PCGrad / Nash)
-    optimizer.step(); ema.update(); sampler.observe(global loss)   H6 (pacing)
+    aux        = Σ aux_loss(model)                   auxiliary terms (DMP prompt balancing)
+    .grad      = combiner(weighter(S/C) + aux)       weighter (mean / UW), combiner (sum / PCGrad / Nash)
+    optimizer.step(); ema.update(); pacer.observe(global loss) -> sampler.restrict(pacer.allowed())
 
 All randomness of step k (t, ε, label dropout) is drawn for the GLOBAL batch from a generator
 seeded by (seed, k); each rank keeps its slice. Resume therefore needs no RNG state, and a run's
@@ -44,6 +46,8 @@ class TrainState:
     cfg: Any                          # RunConfig
     null_class: Optional[int]         # label index for "no class" (CFG), None if unconditional
     step: int = 0
+    spec: Optional[dict] = None       # the model spec as stored in checkpoints
+    base_ref: Optional[dict] = None   # frozen backbone: where its weights come from
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.raw_model.parameters() if p.requires_grad]
@@ -54,14 +58,15 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def draw_randomness(state: TrainState, step: int, local_n: int, shape: tuple[int, ...]):
-    """(t [n], ε [n, ...], drop [n]) for this rank, sliced from the global draw of step ``step``."""
+    """(t [n], w [n], ε [n, ...], drop [n]) for this rank, sliced from the global draw of step ``step``."""
     rt = state.runtime
     gen = step_generator(state.cfg.train.seed, step)
-    t = torch.cat([state.plan.sampler.sample(local_n, gen) for _ in range(rt.world_size)])
+    draws = [state.plan.sampler.sample(local_n, gen) for _ in range(rt.world_size)]
+    t, w = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
     eps = torch.randn((local_n * rt.world_size, *shape), generator=gen)
     drop = torch.rand(local_n * rt.world_size, generator=gen) < state.cfg.model.class_dropout
     sl = slice(rt.rank * local_n, (rt.rank + 1) * local_n)
-    return t[sl], eps[sl], drop[sl]
+    return t[sl], w[sl], eps[sl], drop[sl]
 
 
 def _autocast(state: TrainState):
@@ -72,23 +77,33 @@ def _autocast(state: TrainState):
 
 
 def sample_weight(lcfg, snr_t: torch.Tensor) -> torch.Tensor:
-    """Per-sample weight on the MSE part (METHODS.md §1.4d; the vb term is never weighted)."""
-    params = {"constant": {}, "min_snr": {"gamma": lcfg.gamma}, "p2": {"gamma": lcfg.gamma, "k": lcfg.p2_k}}
+    """Per-sample weight on the MSE part (Min-SNR / P2; the vb term is never weighted)."""
+    params = {"constant": {}, "min_snr": {"gamma": lcfg.gamma}, "p2": {"gamma": lcfg.p2_gamma, "k": lcfg.p2_k}}
     return loss_weight(lcfg.weighting, snr_t, **params[lcfg.weighting])
 
 
 def _per_sample_loss(state: TrainState, x0, y, step: int):
     dev = state.runtime.device
-    t, eps, drop = draw_randomness(state, step, x0.shape[0], tuple(x0.shape[1:]))
-    x0, t, eps = x0.to(dev, non_blocking=True), t.to(dev), eps.to(dev)
+    t, w_t, eps, drop = draw_randomness(state, step, x0.shape[0], tuple(x0.shape[1:]))
+    x0, t, w_t, eps = x0.to(dev, non_blocking=True), t.to(dev), w_t.to(dev), eps.to(dev)
     if y is not None and state.null_class is not None:
         y = torch.where(drop.to(dev), torch.full_like(y.to(dev), state.null_class), y.to(dev))
     xt = state.diffusion.q_sample(x0, t, eps)
     with _autocast(state):
         out = state.model(xt, t, y)
     terms = state.diffusion.training_losses(out.float(), x0, xt, t, eps)
-    w = sample_weight(state.cfg.loss, state.diffusion.snr.to(dev)[t].float())  # [N], H3
-    return w * terms.mse + terms.vb, terms, t                                  # [N]
+    lam = sample_weight(state.cfg.loss, state.diffusion.snr.to(dev)[t].float())   # [N], Min-SNR / P2
+    return w_t * (lam * terms.mse + terms.vb), terms, t                          # [N]
+
+
+def _aux_losses(state: TrainState) -> tuple[Optional[torch.Tensor], dict[str, float]]:
+    """Sum of the plan's auxiliary terms, read from the model after its forward pass."""
+    total, logged = None, {}
+    for aux in state.plan.aux_losses:
+        value, terms = aux(state.raw_model)
+        total = value if total is None else total + value
+        logged.update({k: float(v) for k, v in terms.items()})
+    return total, logged
 
 
 class ScaledWeighter:
@@ -139,20 +154,24 @@ def train_step(state: TrainState, x0: torch.Tensor, y: Optional[torch.Tensor], s
         counts = glob[0]
         active = plan.sampler.active_intervals().to(counts.device) & (counts > 0)
         task_loss = rt.world_size * sums / counts.clamp(min=1.0)                  # surrogate, see weighters.py
+        extra, aux_metrics = _aux_losses(state)
+        if extra is not None and state.scaler is not None:
+            extra = state.scaler.scale(extra)
         weighter = plan.weighter if state.scaler is None else ScaledWeighter(plan.weighter, state.scaler)
-        stats = plan.combiner.combine(step, task_loss, counts, active, weighter, state.trainable(), rt, task=task)
+        stats = plan.combiner.combine(step, task_loss, counts, active, weighter, state.trainable(), rt, task=task,
+                                      extra=extra)
     plan.weighter.after_backward(active)
-    extra = [p for g in plan.weighter.param_groups() for p in g["params"]]
-    sync_gradients(extra, rt)
+    sync_gradients([p for g in plan.weighter.param_groups() for p in g.params], rt)   # outside DDP
     grad_norm = _optimizer_step(state)
     state.ema.update(state.raw_model)
     n = counts.sum().clamp(min=1.0)
     metrics = {"loss": float(glob[1].sum() / n), "mse": float(glob[2].sum() / n), "vb": float(glob[3].sum() / n),
-               "grad_norm": grad_norm, "lr": state.optimizer.param_groups[0]["lr"], **stats}
+               "grad_norm": grad_norm, "lr": state.optimizer.param_groups[0]["lr"], **stats, **aux_metrics}
     for i in range(k):
         if counts[i] > 0:
             metrics[f"interval/loss_{i}"] = float(glob[1][i] / counts[i])
-    if math.isfinite(metrics["mse"]):      # a non-finite loss is the loop's to report (TrainingDiverged)
-        plan.sampler.observe(metrics["mse"])
+    watched = metrics[plan.pacer.monitor]
+    if math.isfinite(watched) and plan.pacer.observe(watched):   # non-finite: the loop reports it
+        plan.sync_pacer()
     state.step = step + 1
     return metrics

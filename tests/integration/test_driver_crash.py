@@ -14,7 +14,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import tiny_config, wait_for
+from tests.helpers import ray_run_dict, wait_for
 from trainers.checkpoint import load_state
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -37,7 +37,7 @@ def _kill_session(sid: int) -> None:
 
 def test_driver_killed_then_rerun_resumes_exactly(tmp_path):
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-    base = tiny_config(train={"steps": 120, "checkpoint_every": 20, "log_every": 10},
+    base = ray_run_dict(train={"steps": 120, "checkpoint_every": 20, "log_every": 10},
                        tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db"})
     for name in ("crashy", "steady"):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**base, "name": name}))

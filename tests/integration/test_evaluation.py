@@ -17,7 +17,7 @@ from orchestrator.data_io import read_dataset
 from orchestrator.driver import TrainRequest, run_training
 from orchestrator.sampling import SampleSpec, sample_images, write_samples
 from orchestrator.storage import open_storage
-from tests.helpers import tiny_config
+from tests.helpers import ray_run_dict
 from tests.integration.conftest import list_keys
 from trainers.checkpoint import load_state
 from trainers.config import load_config
@@ -43,7 +43,7 @@ def eval_cache(tmp_path_factory):
 def eval_run(local_ray, tmp_path_factory):
     """A real Ray Train run (ANT-UW + curriculum) with evaluation every 10 steps, n=64."""
     root = tmp_path_factory.mktemp("eval-run")
-    cfg = load_config(tiny_config(name="eval-run", methods=UW_CURRICULUM, eval={"every": 10, "n": 64, "steps": 4},
+    cfg = load_config(ray_run_dict(name="eval-run", methods=UW_CURRICULUM, eval={"every": 10, "n": 64, "steps": 4},
                                   storage={"path": str(root / "runs")},
                                   tracking={"uri": f"sqlite:///{root}/mlflow.db", "experiment": "eval"}))
     out = run_training(TrainRequest(cfg, quiet=True))
@@ -156,7 +156,7 @@ def test_review_table_json_and_compare(eval_run, tmp_path, capsys):
 
 
 def test_review_against_mlflow_server(local_ray, s3, mlflow_server, tmp_path, capsys):
-    cfg = load_config(tiny_config(name="review-server", train={"steps": 10, "checkpoint_every": 10},
+    cfg = load_config(ray_run_dict(name="review-server", train={"steps": 10, "checkpoint_every": 10},
                                   storage={"path": str(tmp_path / "runs")},
                                   tracking={"uri": mlflow_server, "experiment": "review-server"}))
     run_training(TrainRequest(cfg, quiet=True))

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.driver import TrainRequest, run_training
 from orchestrator.jobs.affinity import AffinityRequest, run_affinity
-from tests.helpers import tiny_config
+from tests.helpers import ray_run_dict
 from trainers.config import load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -29,7 +29,7 @@ METHOD_CONFIGS = {
 
 @pytest.mark.parametrize("label", list(METHOD_CONFIGS))
 def test_methods_train_on_two_workers(local_ray, tmp_path, label):
-    cfg = load_config(tiny_config(name=f"m-{label}", methods=METHOD_CONFIGS[label],
+    cfg = load_config(ray_run_dict(name=f"m-{label}", methods=METHOD_CONFIGS[label],
                                   scaling={"num_workers": 2}, storage={"path": str(tmp_path / "runs")},
                                   tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "methods"}))
     out = run_training(TrainRequest(cfg, quiet=True))
@@ -66,7 +66,7 @@ def test_intervals_cli_json_and_plot(tmp_path):
 
 def test_affinity_job_feeds_an_affinity_run(local_ray, tmp_path):
     runs = tmp_path / "runs"
-    base = tiny_config(name="tas-src", storage={"path": str(runs)},
+    base = ray_run_dict(name="tas-src", storage={"path": str(runs)},
                        tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tas"})
     run_training(TrainRequest(load_config(base), quiet=True))
     result = run_affinity(AffinityRequest(("tas-src",), str(tmp_path / "tas"), stride=20, num_images=32, batch=16,

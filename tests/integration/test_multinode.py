@@ -9,7 +9,7 @@ import pytest
 from orchestrator.data_io import write_dataset
 from orchestrator.driver import TrainRequest, run_training, worker_env
 from orchestrator.storage import StorageError, open_storage
-from tests.helpers import tiny_config
+from tests.helpers import ray_run_dict
 from tests.integration.conftest import list_keys
 from trainers.config import DataConfig, load_config
 from trainers.data import builtin_dataset
@@ -36,7 +36,7 @@ def test_two_nodes_s3_parquet(cluster, s3, tmp_path):
     import ray.util.state
     data = builtin_dataset(DataConfig(name="digits"))
     write_dataset(data, open_storage("s3://denoiselab/data/digits", s3["endpoint"]), shard_size=200)
-    cfg = load_config(tiny_config(
+    cfg = load_config(ray_run_dict(
         name="two-nodes", data={"name": "parquet", "path": "s3://denoiselab/data/digits"},
         scaling={"num_workers": 2, "placement_strategy": "STRICT_SPREAD"},
         storage={"path": "s3://denoiselab/mn", "endpoint": s3["endpoint"]},
@@ -55,7 +55,7 @@ def test_two_nodes_s3_parquet(cluster, s3, tmp_path):
 
 
 def test_local_storage_refused_on_multi_node(cluster, tmp_path):
-    cfg = load_config(tiny_config(name="local-mn", storage={"path": str(tmp_path / "runs")},
+    cfg = load_config(ray_run_dict(name="local-mn", storage={"path": str(tmp_path / "runs")},
                                   tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db"}))
     with pytest.raises(StorageError, match="multi-node runs need shared object storage"):
         run_training(TrainRequest(cfg, quiet=True))

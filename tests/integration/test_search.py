@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from search.command import SearchRequest, run_search
 from search.config import study_from_dict
 from search.tuner import MetricNotReported
-from tests.helpers import free_port, tiny_config, wait_for
+from tests.helpers import free_port, ray_run_dict, wait_for
 from tests.integration.test_driver_crash import _kill_session
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -43,7 +43,7 @@ def search_ray():
 
 
 def _study(tmp_path: Path, name: str, **fields) -> dict:
-    base = tiny_config(train={"steps": 40, "checkpoint_every": 10, "log_every": 10, "keep_checkpoints": 1},
+    base = ray_run_dict(train={"steps": 40, "checkpoint_every": 10, "log_every": 10, "keep_checkpoints": 1},
                        sample={"n": 0}, storage={"path": str(tmp_path / "runs")},
                        tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "search-it"})
     return {"name": name, "base": base, "output": str(tmp_path / "out" / name), "concurrency": 2,

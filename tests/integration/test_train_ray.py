@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.driver import TrainRequest, run_training
 from orchestrator.storage import open_storage
-from tests.helpers import tiny_config, wait_for
+from tests.helpers import ray_run_dict, wait_for
 from tests.integration.conftest import list_keys
 from trainers.checkpoint import state_from_bytes
 from trainers.config import load_config
@@ -27,7 +27,7 @@ def _history(uri: str, run_id: str, key: str = "loss") -> list:
 
 
 def test_two_gloo_workers_local_storage(local_ray, tmp_path):
-    cfg = load_config(tiny_config(name="two-workers", train={"steps": 40, "batch_size": 32},
+    cfg = load_config(ray_run_dict(name="two-workers", train={"steps": 40, "batch_size": 32},
                                   scaling={"num_workers": 2},
                                   storage={"path": str(tmp_path / "runs")},
                                   tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "it"}))
@@ -51,7 +51,7 @@ def test_two_gloo_workers_local_storage(local_ray, tmp_path):
 
 def test_worker_killed_mid_run_recovers_from_s3(local_ray, s3, tmp_path):
     import ray.util.state
-    cfg = load_config(tiny_config(name="killed-worker", train={"steps": 60, "checkpoint_every": 10},
+    cfg = load_config(ray_run_dict(name="killed-worker", train={"steps": 60, "checkpoint_every": 10},
                                   scaling={"num_workers": 2, "max_failures": 2},
                                   storage={"path": "s3://denoiselab/ft", "endpoint": s3["endpoint"]},
                                   tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "ft"}))
@@ -78,7 +78,7 @@ def test_worker_killed_mid_run_recovers_from_s3(local_ray, s3, tmp_path):
 
 
 def test_mlflow_server_with_proxied_artifacts(local_ray, s3, mlflow_server, tmp_path):
-    cfg = load_config(tiny_config(name="server-run", storage={"path": "s3://denoiselab/srv", "endpoint": s3["endpoint"]},
+    cfg = load_config(ray_run_dict(name="server-run", storage={"path": "s3://denoiselab/srv", "endpoint": s3["endpoint"]},
                                   tracking={"uri": mlflow_server, "experiment": "server"}))
     out = run_training(TrainRequest(cfg, quiet=True, register="tiny-digits"))
     client = MlflowClient(mlflow_server)

@@ -1,4 +1,4 @@
-"""Distribution rules of the method slots (ARCHITECTURE.md §5), with two real CPU processes (gloo).
+"""Distribution rules of the method slots (docs/architecture.md, "distribution rules"), with two real CPU processes (gloo).
 
 One spawn for the whole module: both ranks run every scenario and save what they saw; the tests
 compare the ranks with each other and with one process holding the full global batch.
@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.trainer_helpers import batches_for, free_port, randomize_, tiny_config
+from tests.helpers import batches_for, free_port, randomize_, tiny_config
 from trainers.loop import build_state
 from trainers.methods import Intervals
 from trainers.runtime import DistRuntime, LocalRuntime
@@ -79,10 +79,10 @@ def _pacing(methods: dict, runtime, rank: int, world_size: int) -> dict:
     stages, losses = [], []
     for step in range(PACING_STEPS):
         metrics = train_step(state, *batches.get(step), step)
-        stages.append(state.plan.sampler.pacer.num_active())
+        stages.append(state.plan.pacer.machine.num_active())
         losses.append(metrics["mse"])
     return {"stages": torch.tensor(stages), "mse": torch.tensor(losses, dtype=torch.float64),
-            "pacer": state.plan.sampler.pacer.state_dict()}
+            "pacer": state.plan.pacer.state_dict()}
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:

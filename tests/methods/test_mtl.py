@@ -240,3 +240,23 @@ def test_pcgrad_matches_loop_reference_random() -> None:
         rows.append(h)
     expected = torch.stack(rows).mean(0)
     torch.testing.assert_close(pcgrad(grads, generator=torch.Generator().manual_seed(4)), expected)
+
+
+def _gram_with_condition(K: int, cond: float, scale: float, rng: np.random.Generator) -> np.ndarray:
+    q, _ = np.linalg.qr(rng.normal(size=(K, K)))
+    eig = np.geomspace(1.0, 1.0 / cond, K) * scale
+    return (q * eig) @ q.T
+
+
+def test_nash_solves_ill_conditioned_and_scaled_grams() -> None:
+    """A solved problem returns alpha: ill-conditioned (up to 1e6) and scaled (1e-6..1e6) Gram
+    matrices converge to K alpha = 1/alpha, where damped Newton with Armijo alone stalled near the
+    tolerance on some CPUs (e.g. a 3x3 Gram of condition 7 scaled by 37)."""
+    rng = np.random.default_rng(1234)
+    cases = [(3, 7.0, 37.0)] + [(int(rng.integers(2, 11)), float(10 ** rng.uniform(0, 6)),
+                                 float(10 ** rng.uniform(-6, 6))) for _ in range(300)]
+    for K, cond, scale in cases:
+        gram = _gram_with_condition(K, cond, scale, rng)
+        alpha = nash_weights(gram)
+        assert alpha is not None, (K, cond, scale)
+        np.testing.assert_allclose(gram @ alpha, 1.0 / alpha, rtol=1e-6)

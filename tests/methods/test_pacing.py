@@ -1,4 +1,4 @@
-"""CURR clusters and pacing state machines (METHODS.md §4.2–§4.3)."""
+"""Curriculum clusters (Intervals from the shared resolver) and the pacing state machines."""
 from __future__ import annotations
 
 import io
@@ -9,13 +9,20 @@ import pytest
 import torch
 
 from trainers.errors import CheckpointError, ConfigError, TrainingDiverged
+from trainers.methods.curriculum import CurriculumConfig, curriculum_intervals
 from trainers.methods.pacing import (
     AdaptivePacer,
     FixedPacer,
     active_clusters,
     cluster_order,
-    curriculum_clusters,
 )
+
+
+def curriculum_clusters(T: int, N: int) -> list[tuple[int, int]]:
+    """The curriculum's clusters as [lo, hi) pairs, built the way the method builds them."""
+    if N < 1:
+        raise ConfigError("N must be >= 1")
+    return curriculum_intervals(CurriculumConfig(clusters=N), T).pairs()
 
 
 def _advance_steps(pacer, losses) -> list[int]:
@@ -50,11 +57,11 @@ def test_clusters_tile_the_range() -> None:
 
 
 def test_cluster_errors() -> None:
-    with pytest.raises(ConfigError, match="N=11"):
+    with pytest.raises(ConfigError, match="clusters: 11 exceeds diffusion.steps=10"):
         curriculum_clusters(10, 11)
-    with pytest.raises(ConfigError, match="N"):
-        curriculum_clusters(10, 0)
-    with pytest.raises(ConfigError, match="T"):
+    with pytest.raises(ConfigError, match="clusters: must be >= 1"):
+        CurriculumConfig(clusters=0)
+    with pytest.raises(ConfigError, match="exceeds diffusion.steps=0"):
         curriculum_clusters(0, 1)
 
 

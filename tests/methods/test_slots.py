@@ -7,23 +7,33 @@ import json
 import pytest
 import torch
 
-from tests.trainer_helpers import batches_for, methods_for, randomize_, tiny_config
+from tests.helpers import batches_for, methods_for, randomize_, tiny_config
 from trainers.build import build_all, build_context, resolve_run_intervals
 from trainers.config import load_config
 from trainers.diffusion import GaussianDiffusion, sample
 from trainers.errors import ConfigError
 from trainers.loop import build_state
-from trainers.methods import TESTED_COMBINATIONS, Intervals, compose
-from trainers.methods.dtr import RoutedBlock
+from trainers.methods import Intervals, compose, supported_combinations
+from trainers.methods.dtr import DtrRouter
 from trainers.methods.routing import routing_masks
-from trainers.methods.samplers import IntervalSampler
+from trainers.methods.samplers import StratifiedSampler, UniformSampler
 from trainers.models.dit import DiTBlock, modulate
 from trainers.runtime import LocalRuntime
 from trainers.step import train_step
 
+COMBINATIONS = sorted(supported_combinations())
+
 
 def _build(cfg, world_size: int = 1):
     return build_all(cfg, image_size=8, channels=1, num_classes=10, world_size=world_size)
+
+
+def _observe(plan, loss: float) -> bool:
+    """What the step does with the global loss: feed the pacer, re-narrow the sampler on a move."""
+    moved = plan.pacer.observe(loss)
+    if moved:
+        plan.sync_pacer()
+    return moved
 
 
 # -------------------------------------------------------------------------------------- DTR
@@ -31,15 +41,18 @@ def test_routed_block_equals_the_formula_by_hand() -> None:
     torch.manual_seed(0)
     block = randomize_(DiTBlock(16, 4), seed=1, std=0.2)
     masks = routing_masks(10, 16, 0.5, 1.0)                                   # [10, 16]
-    routed = RoutedBlock(block, masks, num_timesteps=10)
+    router = DtrRouter(masks, num_timesteps=10, blocks=(0,))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((4, 5, 16), generator=gen)
     c = torch.randn((4, 16), generator=gen)
     t = torch.tensor([0, 3, 6, 9])
     m = masks[t].unsqueeze(1)                                                 # [N, 1, C]
+
+    def routed(x, c, t):
+        return router.forward_block(0, x, c, t, inner=lambda u: block(u, c, t))
     y = routed(x, c, t)
     assert torch.equal(y, block(m * x, c, t) + (1 - m) * x)                   # y = Block(m⊙x) + (1−m)⊙x
-    # METHODS.md §2.3, written out: u = m⊙x; u += g·Attn(mod(LN u)); u += g·MLP(mod(LN u)); y = u + (1−m)⊙x
+    # The paper's block, written out: u = m⊙x; u += g·Attn(mod(LN u)); u += g·MLP(mod(LN u)); y = u + (1−m)⊙x
     sh1, sc1, g1, sh2, sc2, g2 = block.adaLN_modulation(c).chunk(6, dim=1)
     u = m * x
     u = u + g1.unsqueeze(1) * block.attn(modulate(block.norm1(u), sh1, sc1))
@@ -53,12 +66,18 @@ def test_routed_block_equals_the_formula_by_hand() -> None:
     assert torch.equal(routed(x, c, t), x)
 
 
-def test_dtr_wraps_every_block_and_not_the_final_layer() -> None:
+def test_dtr_routes_every_block_and_not_the_final_layer() -> None:
     model, *_ = _build(tiny_config({"dtr": {"active_ratio": 0.8}}))
-    assert all(isinstance(b, RoutedBlock) for b in model.blocks)
-    assert not any(isinstance(m, RoutedBlock) for m in model.final_layer.modules())
+    router = model.adapters["dtr"]
+    assert isinstance(router, DtrRouter) and router.blocks == frozenset(range(len(model.blocks)))
+    assert all(type(b).__name__ == "DiTBlock" for b in model.blocks)         # blocks are not replaced
     only = _build(tiny_config({"dtr": {"blocks": [1, 3]}}))[0]
-    assert [isinstance(b, RoutedBlock) for b in only.blocks] == [False, True, False, True]
+    assert only.adapters["dtr"].blocks == frozenset({1, 3})
+    randomize_(only, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    h, c, t = torch.randn((2, 16, 64), generator=gen), torch.randn((2, 64), generator=gen), torch.tensor([90, 99])
+    for i, block in enumerate(only.blocks):                                   # unrouted blocks see x as is
+        assert torch.equal(only._run_block(i, h, c, t), block(h, c, t)) == (i not in (1, 3))
     with pytest.raises(ConfigError, match="methods.dtr.blocks"):
         _build(tiny_config({"dtr": {"blocks": [7]}}))
 
@@ -69,7 +88,7 @@ def test_dtr_adds_no_parameters(ratio: float) -> None:
     routed, *_ = _build(tiny_config({"dtr": {"active_ratio": ratio}}))
     assert sum(p.numel() for p in routed.parameters()) == sum(p.numel() for p in vanilla.parameters())
     assert [p.shape for p in routed.parameters()] == [p.shape for p in vanilla.parameters()]
-    assert routed.state_dict().keys() and all("masks" not in k for k in routed.state_dict())   # not saved
+    assert list(routed.state_dict()) == list(vanilla.state_dict())     # no key renamed, masks not saved
 
 
 def _inputs(n: int = 6, seed: int = 0):
@@ -97,18 +116,19 @@ def test_dtr_beta_one_equals_vanilla_bit_for_bit() -> None:
 def test_dtr_mask_is_gathered_by_the_original_timestep() -> None:
     model, diffusion, *_ = _build(tiny_config({"dtr": {"active_ratio": 0.5, "alpha": 1.0}}))
     randomize_(model, seed=2)
-    block = model.blocks[0]
+    router = model.adapters["dtr"]
     gen = torch.Generator().manual_seed(0)
     h = torch.randn((1, 16, 64), generator=gen)
     c = torch.randn((1, 64), generator=gen)
     # t enters a routed block only through its mask: same c, different t -> different output...
-    out = {t: block(h, c, torch.tensor([t])) for t in (0, 1, 50, 99)}
+    out = {t: model._run_block(0, h, c, torch.tensor([t])) for t in (0, 1, 50, 99)}
     assert not torch.allclose(out[0], out[99]) and not torch.allclose(out[50], out[99])
     # ...and timesteps sharing a window (s(t) = round(t/99 * 32)) give the same output.
-    assert torch.equal(block.masks[0], block.masks[1]) and torch.equal(out[0], out[1])
+    assert torch.equal(router.masks[0], router.masks[1]) and torch.equal(out[0], out[1])
     # Respaced sampling hands the blocks ORIGINAL timesteps (0..T−1), never respaced indices.
     seen = []
-    handle = block.register_forward_pre_hook(lambda mod, args: seen.append(args[2].clone()))
+    handle = model.blocks[0].register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs["t"].clone()),
+                                                       with_kwargs=True)
     sample(model, diffusion, (2, 1, 8, 8), steps=5, sampler="ddim", y=torch.tensor([1, 2]), null_class=10,
            guidance=1.0, generator=torch.Generator().manual_seed(0))
     handle.remove()
@@ -120,25 +140,27 @@ def test_dtr_mask_is_gathered_by_the_original_timestep() -> None:
 def test_stratified_sampler_exact_counts_in_interval_order() -> None:
     plan = _build(tiny_config({"ant": {"mtl": "uw"}}))[2]
     sampler, intervals = plan.sampler, Intervals.uniform(100, 4)
-    assert sampler.mode == "stratified"
+    assert isinstance(sampler, StratifiedSampler)
     for seed in range(5):
-        t = sampler.sample(16, torch.Generator().manual_seed(seed))
+        t, w = sampler.sample(16, torch.Generator().manual_seed(seed))
         assert t.dtype == torch.int64 and t.shape == (16,)
+        assert w.shape == (16,) and w.dtype == torch.float32 and torch.equal(w, torch.ones(16))
         assert intervals.task_id(t).tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
 
 
 def test_stratified_sampler_uneven_intervals() -> None:
     intervals = Intervals((0, 1, 3, 50, 100))
-    t = IntervalSampler(intervals, "stratified").sample(8, torch.Generator().manual_seed(0))
+    t, _ = StratifiedSampler(intervals).sample(8, torch.Generator().manual_seed(0))
     assert intervals.task_id(t).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     assert t[:2].tolist() == [0, 0]                                 # the 1-wide interval is {0}
 
 
 def test_iid_sampler_is_uniform_over_timesteps() -> None:
     plan = _build(tiny_config({"ant": {"mtl": "uw", "sampling": "iid"}}))[2]
-    assert plan.sampler.mode == "uniform"
+    assert type(plan.sampler) is UniformSampler
     n = 40_000
-    t = plan.sampler.sample(n, torch.Generator().manual_seed(0))
+    t, w = plan.sampler.sample(n, torch.Generator().manual_seed(0))
+    assert torch.equal(w, torch.ones(n))
     counts = torch.bincount(t, minlength=100).float()
     assert t.min() == 0 and t.max() == 99 and counts.shape == (100,)
     expected = n / 100
@@ -146,39 +168,41 @@ def test_iid_sampler_is_uniform_over_timesteps() -> None:
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 160                                               # 99 dof; p ≈ 1e-4
     vanilla = _build(tiny_config({}))[2].sampler
-    assert vanilla.mode == "uniform" and vanilla.active_intervals().all()
+    assert type(vanilla) is UniformSampler and vanilla.active_intervals().all()
 
 
 def test_curriculum_restricts_t_to_active_clusters_and_advances() -> None:
     cfg = tiny_config({"curriculum": {"clusters": 4, "pacing": "fixed", "stage_steps": 1}})
-    sampler = _build(cfg)[2].sampler
+    plan = _build(cfg)[2]
+    assert plan.pacer.clusters == Intervals.uniform(100, 4)          # an Intervals, like ANT's
     gen = torch.Generator().manual_seed(0)
     for stage, lo in [(1, 75), (2, 50), (3, 25), (4, 0)]:
-        assert sampler.pacer.num_active() == stage
-        t = sampler.sample(2000, gen)
+        assert plan.pacer.machine.num_active() == stage
+        t, _ = plan.sampler.sample(2000, gen)
         assert int(t.min()) == lo and int(t.max()) == 99           # easy (high t) first, accumulating
-        assert sampler.metrics()["curriculum/stage"] == stage
-        assert sampler.observe(1.0) == (stage < 4)
-    assert sampler.pacer.num_active() == 4                          # the last stage never ends
+        assert plan.pacer.metrics()["curriculum/stage"] == stage
+        assert _observe(plan, 1.0) == (stage < 4)
+    assert plan.pacer.machine.num_active() == 4                     # the last stage never ends
 
 
 def test_adaptive_curriculum_advances_on_plateau() -> None:
     cfg = tiny_config({"curriculum": {"clusters": 3, "pacing": "adaptive", "patience": 2, "ema": 0.0}})
-    sampler = _build(cfg)[2].sampler
-    moves = [sampler.observe(loss) for loss in [1.0, 0.9, 0.8, 0.8, 0.8, 0.7, 0.7, 0.7]]
+    plan = _build(cfg)[2]
+    moves = [_observe(plan, loss) for loss in [1.0, 0.9, 0.8, 0.8, 0.8, 0.7, 0.7, 0.7]]
     assert moves == [False, False, False, False, True, False, False, True]
-    assert int(sampler.sample(500, torch.Generator().manual_seed(0)).min()) == 0
+    assert int(plan.sampler.sample(500, torch.Generator().manual_seed(0))[0].min()) == 0
 
 
 def test_ant_with_curriculum_stratifies_over_active_intervals_only() -> None:
     cfg = tiny_config({"ant": {"mtl": "uw"}, "curriculum": {"clusters": 2, "pacing": "fixed", "stage_steps": 1}})
-    sampler, intervals = _build(cfg)[2].sampler, Intervals.uniform(100, 4)
+    plan, intervals = _build(cfg)[2], Intervals.uniform(100, 4)
+    sampler = plan.sampler
     assert sampler.active_intervals().tolist() == [False, False, True, True]
-    t = sampler.sample(16, torch.Generator().manual_seed(0))
+    t, _ = sampler.sample(16, torch.Generator().manual_seed(0))
     assert intervals.task_id(t).tolist() == [2] * 8 + [3] * 8
-    sampler.observe(1.0)
+    _observe(plan, 1.0)
     assert sampler.active_intervals().all()
-    t = sampler.sample(16, torch.Generator().manual_seed(0))
+    t, _ = sampler.sample(16, torch.Generator().manual_seed(0))
     assert intervals.task_id(t).tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
 
 
@@ -203,11 +227,11 @@ def test_uw_params_of_inactive_intervals_get_no_gradient_and_do_not_move() -> No
     assert values[:2] == [0.0, 0.0] and all(v != 0.0 for v in values[2:])
     assert all(len(state.optimizer.state[p]) == 0 for p in log_vars[:2])       # Adam never touched them
     assert all(len(state.optimizer.state[p]) > 0 for p in log_vars[2:])
-    assert state.plan.weighter.param_groups()[0]["lr"] == 0.025 and state.optimizer.param_groups[1]["lr"] == 0.025
+    assert state.plan.weighter.param_groups()[0].lr == 0.025 and state.optimizer.param_groups[1]["lr"] == 0.025
 
 
 # ----------------------------------------------------------------------------------- compose
-@pytest.mark.parametrize("key", sorted(TESTED_COMBINATIONS), ids=lambda k: "+".join(k) or "vanilla")
+@pytest.mark.parametrize("key", COMBINATIONS, ids=lambda k: "+".join(k) or "vanilla")
 def test_every_tested_combination_composes(key) -> None:
     model, _, plan, intervals, _ = _build(tiny_config(methods_for(key)))
     assert plan.key == key and intervals.num_intervals == 4
@@ -220,6 +244,7 @@ def test_compose_refuses_gradient_mtl_with_curriculum(mtl: str) -> None:
         _build(tiny_config({"ant": {"mtl": mtl}, "curriculum": {}}))
     msg = str(err.value)
     assert msg.startswith("methods:") and f"ant-{mtl} + curriculum" in msg and "methods.ant.mtl=uw" in msg
+    assert "\n" not in msg
 
 
 def test_compose_refuses_stratified_batch_not_divisible() -> None:
@@ -233,7 +258,7 @@ def test_compose_refuses_stratified_batch_not_divisible() -> None:
     with pytest.raises(ConfigError, match="per-worker batch 4"):
         compose(cfg.methods, build_context(cfg, intervals, world_size=4))
     ok = tiny_config({"ant": {"mtl": "uw", "sampling": "iid"}}, train={"batch_size": 10})
-    assert _build(ok)[2].sampler.mode == "uniform"
+    assert type(_build(ok)[2].sampler) is UniformSampler
 
 
 def test_unknown_mtl_is_refused_at_load() -> None:
@@ -243,10 +268,10 @@ def test_unknown_mtl_is_refused_at_load() -> None:
 
 def test_plan_describe() -> None:
     vanilla = _build(tiny_config({}))[2]
-    assert vanilla.describe() == {"methods": "vanilla", "transforms": "none", "sampler_mode": "default",
+    assert vanilla.describe() == {"methods": "vanilla", "transforms": "none", "sampler": "default",
                                   "pacer": "default", "weighter": "default", "combiner": "default"}
     full = _build(tiny_config(methods_for(("ant-uw", "curriculum", "dtr"))))[2]
-    assert full.describe() == {"methods": "ant-uw+curriculum+dtr", "transforms": "dtr", "sampler_mode": "ant",
+    assert full.describe() == {"methods": "ant-uw+curriculum+dtr", "transforms": "dtr", "sampler": "ant-uw",
                                "pacer": "curriculum", "weighter": "ant-uw", "combiner": "default"}
     nash = _build(tiny_config(methods_for(("ant-nash",))))[2]
     assert nash.describe()["combiner"] == "ant-nash" and nash.describe()["weighter"] == "default"
@@ -254,7 +279,7 @@ def test_plan_describe() -> None:
     assert type(nash.combiner).__name__ == "NashCombiner" and nash.combiner.every == 2
 
 
-@pytest.mark.parametrize("key", sorted(TESTED_COMBINATIONS), ids=lambda k: "+".join(k) or "vanilla")
+@pytest.mark.parametrize("key", COMBINATIONS, ids=lambda k: "+".join(k) or "vanilla")
 def test_plugin_state_round_trips(key) -> None:
     """Every stateful plug-in restores its state into a freshly composed plan."""
     cfg = tiny_config(methods_for(key))
@@ -266,6 +291,8 @@ def test_plugin_state_round_trips(key) -> None:
     fresh = _build(cfg)[2]
     for name, obj in fresh.stateful().items():
         obj.load_state_dict(saved[name])
+    fresh.sync_pacer()                       # the sampler's restriction is the pacer's state
+    for name, obj in fresh.stateful().items():
         assert json.dumps(obj.metrics(), sort_keys=True) == json.dumps(state.plan.stateful()[name].metrics(),
                                                                        sort_keys=True)
     assert torch.equal(fresh.sampler.active_intervals(), state.plan.sampler.active_intervals())

@@ -53,7 +53,8 @@ def test_unknown_key_without_close_match_lists_valid_keys() -> None:
     ({"train": {"lr": float("nan")}}, "train.lr: expected a finite number"),
     ({"data": {"flip": "yes"}}, "data.flip: expected true or false"),
     ({"model": {"name": 5}}, "model.name: expected a string"),
-    ({"model": {"hidden_size": "big"}}, "model.hidden_size: expected an integer"),
+    ({"model": {"arch": {"hidden_size": "big"}}}, "model.arch.hidden_size: expected an integer"),
+    ({"model": {"hidden_size": 64}}, "model.hidden_size: unknown key"),
     ({"model": "DiT-T/2"}, "model: expected a mapping"),
     ({"methods": {"ant": 3}}, "methods.ant: expected a mapping of AntConfig fields"),
     ({"intervals": {"rule": "explicit", "pairs": [[0, 50, 1]]}}, "intervals.pairs[0]: expected 2 items"),
@@ -80,7 +81,8 @@ def test_wrong_types(data, expected) -> None:
     ({"train": {"weight_decay": -0.1}}, "train.weight_decay"),
     ({"train": {"sample_every": -1}}, "train.sample_every"),
     ({"loss": {"weighting": "min_snr", "gamma": 0.0}}, "loss.gamma"),
-    ({"loss": {"weighting": "p2", "p2_k": 0.0}}, "loss.gamma/p2_k"),
+    ({"loss": {"weighting": "p2", "p2_k": 0.0}}, "loss.p2_gamma/p2_k"),
+    ({"loss": {"weighting": "p2", "p2_gamma": -1.0}}, "loss.p2_gamma/p2_k"),
     ({"sample": {"steps": 0}}, "sample.steps"),
     ({"eval": {"n": -1}}, "eval."),
     ({"methods": {"dtr": {"active_ratio": 0.0}}}, "methods.dtr.active_ratio"),
@@ -114,13 +116,13 @@ def test_configs_are_frozen() -> None:
 # ------------------------------------------------------------------------------- overrides
 def test_dotted_overrides() -> None:
     cfg = load_config({"train": {"steps": 3}}, [
-        "train.steps=7", "train.lr=3e-4", "data.flip=true", "model.hidden_size=null",
+        "train.steps=7", "train.lr=3e-4", "data.flip=true", "model.arch.depth=3",
         "model.name=DiT-N/4", "methods.ant.mtl=nash", "methods.dtr.blocks=[0, 2]",
         "intervals.rule=explicit", "intervals.count=2", "intervals.pairs=[[0, 300], [300, 1000]]",
         "scaling.resources_per_worker={\"GPU\": 1}",
     ])
     assert cfg.train.steps == 7 and cfg.train.lr == 3e-4 and cfg.data.flip is True
-    assert cfg.model.hidden_size is None and cfg.model.name == "DiT-N/4"
+    assert cfg.model.arch == {"depth": 3} and cfg.model.name == "DiT-N/4"
     assert cfg.methods.ant == AntConfig(mtl="nash")                  # override creates the section
     assert cfg.methods.dtr.blocks == (0, 2)
     assert cfg.intervals.pairs == ((0, 300), (300, 1000))
@@ -164,7 +166,7 @@ def test_flatten() -> None:
 # ------------------------------------------------------------------------------ round trip
 def test_round_trip_to_dict_from_dict() -> None:
     cfg = load_config({
-        "name": "rt", "model": {"name": "DiT-N/2", "depth": 2}, "diffusion": {"schedule": "cosine", "steps": 50},
+        "name": "rt", "model": {"name": "DiT-N/2", "arch": {"depth": 2}}, "diffusion": {"schedule": "cosine", "steps": 50},
         "intervals": {"rule": "explicit", "count": 2, "pairs": [[0, 20], [20, 50]]},
         "methods": {"ant": {"mtl": "uw", "sampling": "iid"}, "dtr": {"active_ratio": 0.7, "blocks": [0, 1]},
                     "curriculum": {"clusters": 5, "pacing": "fixed"}},

@@ -12,7 +12,7 @@ from torch import nn
 
 from orchestrator.evaluation import eval_due, is_eval_metric
 from orchestrator.sampling import SampleSpec, sample_blocks, sample_images
-from tests.trainer_helpers import randomize_, tiny_config
+from tests.helpers import randomize_, tiny_config
 from trainers.build import build_all
 from trainers.data import ArrayDataset, make_shapes
 from trainers.errors import CheckpointError, ConfigError, DataError

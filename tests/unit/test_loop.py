@@ -2,6 +2,7 @@
 checkpoint contents and errors, sample-grid artifacts."""
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -9,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.trainer_helpers import batches_for, methods_for, read_metrics, tiny_config
+from tests.helpers import batches_for, methods_for, read_metrics, tiny_config
 from trainers.checkpoint import load_state, save_state
 from trainers.config import load_config
 from trainers.ema import EMA
 from trainers.errors import CheckpointError, TrainingDiverged
 from trainers.loop import build_state, train
-from trainers.methods import TESTED_COMBINATIONS
+from trainers.methods import supported_combinations
 from trainers.reporting import LocalReporter, checkpoint_dir_name, latest_checkpoint
 from trainers.runtime import LocalRuntime
 
@@ -69,9 +70,9 @@ def _assert_same_tree(a, b, path: str = "") -> None:
 
 # --------------------------------------------------------------------------------- resume
 ADAPTIVE = {"curriculum": {"clusters": 4, "pacing": "adaptive", "patience": 1, "ema": 0.0}}
-RESUME_CASES = [pytest.param(key, None, id="+".join(key) or "vanilla") for key in sorted(TESTED_COMBINATIONS)]
+RESUME_CASES = [pytest.param(key, None, id="+".join(key) or "vanilla") for key in sorted(supported_combinations())]
 RESUME_CASES += [pytest.param(key, ADAPTIVE, id="+".join(key) + "[adaptive]")
-                 for key in sorted(TESTED_COMBINATIONS) if "curriculum" in key]
+                 for key in sorted(supported_combinations()) if "curriculum" in key]
 N_STEPS, RESUME_AT = 8, 3
 
 
@@ -170,10 +171,12 @@ def test_checkpoint_contents(tmp_path: Path) -> None:
     assert ckpt["intervals"] == [0, 25, 50, 75, 100]
     assert summary["intervals"] == [(0, 25), (25, 50), (50, 75), (75, 100)]
     assert ckpt["plan"] == summary["plan"] == {
-        "methods": "ant-uw+curriculum+dtr", "transforms": "dtr", "sampler_mode": "ant", "pacer": "curriculum",
+        "methods": "ant-uw+curriculum+dtr", "transforms": "dtr", "sampler": "ant-uw", "pacer": "curriculum",
         "weighter": "ant-uw", "combiner": "default"}
-    assert set(ckpt["plugins"]) == {"sampler", "weighter", "combiner"}
-    assert ckpt["plugins"]["sampler"]["pacer"]["stage"] == 2              # fixed pacing, 2 steps per stage
+    assert set(ckpt["plugins"]) == {"sampler", "pacer", "weighter", "combiner"}
+    assert ckpt["plugins"]["pacer"]["stage"] == 2                         # fixed pacing, 2 steps per stage
+    assert ckpt["format"] == 2 and ckpt["model_spec"]["family"] == "DiT"
+    assert not any(".inner." in k for k in ckpt["model"])                # DTR renames no backbone key
     log_vars = ckpt["plugins"]["weighter"]["log_vars"]
     assert log_vars.shape == (4,) and torch.count_nonzero(log_vars) > 0
     assert ckpt["model_spec"]["hidden"] == 64 and ckpt["model_spec"]["image_size"] == 8
@@ -213,10 +216,45 @@ def test_checkpoint_from_a_different_model_is_refused(tmp_path: Path) -> None:
         _run(bigger, tmp_path / "t", resume=state)
     with pytest.raises(CheckpointError, match="init_from"):
         _run(bigger, tmp_path / "t2", init=state)
-    # Same geometry, different transforms (vanilla checkpoint into a DTR run): a UserError too.
+    # Same geometry, other methods: resuming is refused (the run would continue with another
+    # optimizer and plug-ins); starting a new run from its weights is what init_from is for.
     dtr = load_config(small.to_dict(), ["methods.dtr.active_ratio=0.5", "train.steps=2"])
-    with pytest.raises(CheckpointError, match="same methods"):
+    with pytest.raises(CheckpointError, match="written by methods vanilla, this run has dtr.*same methods"):
         _run(dtr, tmp_path / "d", resume=state)
+
+
+@pytest.mark.parametrize("src_methods, dst_methods", [({}, {"dtr": {"active_ratio": 0.5}}),
+                                                       ({"dtr": {"active_ratio": 0.5}}, {})])
+def test_init_from_across_methods_loads_the_backbone_and_trains(tmp_path: Path, src_methods, dst_methods) -> None:
+    """Staged loading: a vanilla checkpoint starts a DTR run and a DTR checkpoint a vanilla one."""
+    src_cfg = tiny_config(src_methods, train={"steps": 2})
+    _run(src_cfg, tmp_path / "src")
+    src = _ckpt(tmp_path / "src", 2)
+    cfg = tiny_config(dst_methods, train={"steps": 3})
+    state = build_state(cfg, LocalRuntime(), batches_for(cfg), init=src)
+    _assert_same_tree(src["ema"], state.raw_model.state_dict())            # same keys, EMA values
+    summary = _run(cfg, tmp_path / "dst", init=src)
+    assert summary["step"] == 3 and summary["plan"]["transforms"] == ("dtr" if dst_methods else "none")
+
+
+def test_format_1_checkpoints_are_migrated(tmp_path: Path) -> None:
+    """A checkpoint written before adapters (DTR keys ``blocks.N.inner.*``, the pacer inside the
+    sampler state, no model family) resumes in the current code."""
+    from trainers.checkpoint import migrate_state
+    cfg = tiny_config(methods_for(("curriculum", "dtr")), train={"steps": 4, "checkpoint_every": 2})
+    _run(cfg, tmp_path / "new")
+    current = _ckpt(tmp_path / "new", 2)
+    old = {**current, "format": 1, "plugins": {**current["plugins"], "sampler": {"pacer": current["plugins"]["pacer"]}},
+           "model_spec": {k: v for k, v in current["model_spec"].items() if k != "family"}}
+    del old["plugins"]["pacer"]
+    for key in ("model", "ema"):
+        old[key] = {re.sub(r"^(blocks\.\d+\.)", r"\1inner.", k): v for k, v in current[key].items()}
+    assert any(".inner." in k for k in old["model"])
+    save_state(tmp_path / "old" / checkpoint_dir_name(2), old)
+    migrated = load_state(tmp_path / "old" / checkpoint_dir_name(2))
+    _assert_same_tree(migrated, migrate_state(dict(current)))
+    resumed = _run(cfg, tmp_path / "resumed", resume=migrated)
+    assert resumed["step"] == 4
 
 
 def test_init_from_loads_ema_weights_and_restarts(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.trainer_helpers import randomize_
+from tests.helpers import randomize_
 from trainers.config import ModelConfig
 from trainers.errors import ConfigError
 from trainers.models import SIZES, DiT, build_model, model_spec
@@ -12,7 +12,7 @@ from trainers.models.dit import timestep_embedding
 
 
 def _spec(name: str, image_size: int = 8, channels: int = 1, num_classes: int = 10, learn_sigma: bool = True, **kw):
-    return model_spec(ModelConfig(name=name, **kw), image_size=image_size, channels=channels,
+    return model_spec(ModelConfig(name=name, arch=kw), image_size=image_size, channels=channels,
                       num_classes=num_classes, learn_sigma=learn_sigma)
 
 
@@ -132,5 +132,5 @@ def test_registry_size_overrides() -> None:
     assert (spec.hidden, spec.depth, spec.heads) == (48, 2, 3)
     model = build_model(spec)
     assert len(model.blocks) == 2 and isinstance(model, DiT)
-    with pytest.raises(ConfigError, match="model.hidden_size"):
+    with pytest.raises(ConfigError, match="model.arch.hidden_size"):
         _spec("DiT-N/2", hidden_size=50, num_heads=4)

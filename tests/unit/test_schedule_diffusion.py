@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.trainer_helpers import randomize_
+from tests.helpers import randomize_
 from trainers.diffusion import GaussianDiffusion, alphas_cumprod, betas_for, log_snr, sample, snr
 from trainers.diffusion.gaussian import discretized_gaussian_log_likelihood, normal_kl
 from trainers.diffusion.sampling import guided_eps_fn

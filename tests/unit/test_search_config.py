@@ -10,13 +10,13 @@ import pytest
 from search.config import StudyError, base_run_dict, load_study, study_from_dict
 from search.results import TrialRecord, leaderboard_text, pick_best
 from search.tuner import _missing_metric, concurrency_for, optuna_storage, prepare_study
-from tests.helpers import tiny_config
+from tests.helpers import ray_run_dict
 
 STUDIES = Path(__file__).resolve().parents[2] / "search" / "studies"
 
 
 def _study(tmp_path, **fields):
-    base = tiny_config(storage={"path": str(tmp_path / "runs")},
+    base = ray_run_dict(storage={"path": str(tmp_path / "runs")},
                        tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db"})
     return study_from_dict({"name": "unit", "base": base, "space": {"optim": {}}, "output": str(tmp_path / "out"),
                             **fields})

@@ -13,7 +13,7 @@ import pytest
 from search.config import StudyError, base_run_dict, study_from_dict
 from search.spaces import (SPACES, Choice, FloatRange, IntRange, SpaceFunction, check_run_config, grid_of,
                            resolve_space, validate_space)
-from tests.helpers import tiny_config
+from tests.helpers import ray_run_dict
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -24,7 +24,7 @@ EVERYTHING = {"model": {}, "optim": {}, "loss": {}, "dtr": {"enabled": [True, Fa
 
 
 def _study(space=None, **fields) -> dict:
-    base = tiny_config()
+    base = ray_run_dict()
     base.pop("name", None)
     return {"name": "unit", "base": base, "space": EVERYTHING if space is None else space, **fields}
 
@@ -75,7 +75,7 @@ def test_fuzzed_draws_are_valid_runs_and_cover_every_branch(make_sampler):
 
 def test_every_space_alone_draws_valid_runs():
     for name in SPACES:
-        study = study_from_dict(_study({name: {}}, base={**tiny_config(), "diffusion": {"steps": 100}}))
+        study = study_from_dict(_study({name: {}}, base={**ray_run_dict(), "diffusion": {"steps": 100}}))
         fn = SpaceFunction(resolve_space(study.space), base_run_dict(study))
         drawn = validate_space(fn, samples=24, seed=3)
         assert drawn and all(p.startswith(f"{name}.") for p in drawn), name

@@ -37,8 +37,10 @@ def guided_eps_fn(model: torch.nn.Module, diffusion: GaussianDiffusion, channels
 def sample(model: torch.nn.Module, diffusion: GaussianDiffusion, shape: tuple[int, ...], *,
            steps: int, sampler: str = "ddim", y: torch.Tensor | None = None,
            null_class: int | None = None, guidance: float = 1.0, eta: float = 0.0,
-           generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Draw samples in [−1, 1] of ``shape`` with ``steps`` respaced steps."""
+           generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+           clip_x0: bool = True) -> torch.Tensor:
+    """Draw samples of ``shape`` with ``steps`` respaced steps; ``clip_x0`` clamps the predicted
+    x0 (and the result) to [−1, 1], which suits pixel data and not latents."""
     spaced = diffusion.respaced(steps)
     eps_fn = guided_eps_fn(model, spaced, shape[1], y, null_class, guidance)
     x = torch.randn(shape, generator=generator, device="cpu").to(device)
@@ -47,7 +49,9 @@ def sample(model: torch.nn.Module, diffusion: GaussianDiffusion, shape: tuple[in
         t = torch.full((shape[0],), i, dtype=torch.long, device=device)
         eps, v = eps_fn(x, tmap[t])
         eps = eps.float()
-        x0 = spaced.pred_x0(x, t, eps).clamp(-1.0, 1.0)
+        x0 = spaced.pred_x0(x, t, eps)
+        if clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
         noise = torch.randn(shape, generator=generator, device="cpu").to(device)
         if sampler == "ddpm":
             mean, _ = spaced.q_posterior(x0, x, t)
@@ -60,4 +64,4 @@ def sample(model: torch.nn.Module, diffusion: GaussianDiffusion, shape: tuple[in
             sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
             mean = x0 * torch.sqrt(ab_prev) + torch.sqrt((1 - ab_prev - sigma ** 2).clamp(min=0)) * eps
             x = mean + (0.0 if i == 0 else 1.0) * sigma * noise
-    return x.clamp(-1.0, 1.0)
+    return x.clamp(-1.0, 1.0) if clip_x0 else x

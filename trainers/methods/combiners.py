@@ -1,14 +1,16 @@
 """Gradient combiners (hook H5): how per-interval losses become ``.grad``.
 
 * sum: backward of the weighter's scalar (DDP syncs gradients).
-* PCGrad (Yu et al. 2020; ANT METHODS.md §1.4b): per-interval gradients, projected onto the normal
-  plane of conflicting originals in a freshly shuffled order, averaged.
-* Nash-MTL (Navon et al. 2022; METHODS.md §1.4c): weights α with (GGᵀ)α = 1/α refreshed every
+* PCGrad (Yu et al. 2020, as ANT applies it; docs/methods.md): per-interval gradients, projected
+  onto the normal plane of conflicting originals in a freshly shuffled order, then averaged
+  (``reduction: mean``, ANT's form) or summed.
+* Nash-MTL (Navon et al. 2022; docs/methods.md): weights α with (GGᵀ)α = 1/α refreshed every
   ``every`` steps; update Σ α_k g_k / K, then the global gradient norm is clipped.
 
 PCGrad and Nash need per-interval gradients, which DDP does not sync when they come from
 ``torch.autograd.grad``: each rank computes its surrogate gradients, they are averaged through the
-Runtime explicitly, and every rank combines the identical matrix (ARCHITECTURE.md §5.1). The
+Runtime explicitly, and every rank combines the identical matrix (docs/architecture.md,
+"distribution rules"). The
 shuffle generator is seeded from (seed, step) so all ranks shuffle alike.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from trainers.errors import ConfigError
 from trainers.methods.grouped_grads import GroupedGradientCapture
 from trainers.methods.mtl.nash import nash_weights
 from trainers.methods.mtl.pcgrad import pcgrad
@@ -58,6 +61,12 @@ def write_gradient(flat: torch.Tensor, params: list[nn.Parameter]) -> None:
         offset += n
 
 
+def _no_extra(extra, name: str) -> None:
+    if extra is not None:
+        raise ConfigError(f"methods: an auxiliary loss cannot be combined with ANT-{name} (per-interval "
+                          f"gradients); use methods.ant.mtl=uw or drop the method that adds it")
+
+
 class SumCombiner:
     name = "sum"
 
@@ -75,8 +84,10 @@ class SumCombiner:
         capture, self._capture = getattr(self, "_capture", None), None
         return interval_gradients(task_loss, active, params, runtime, capture, task)
 
-    def combine(self, step, task_loss, task_count, active, weighter, params, runtime, task=None) -> dict[str, float]:
-        weighter.reduce(task_loss, task_count, active).backward()
+    def combine(self, step, task_loss, task_count, active, weighter, params, runtime, task=None,
+                extra=None) -> dict[str, float]:
+        total = weighter.reduce(task_loss, task_count, active)
+        (total if extra is None else total + extra).backward()
         return {}
 
     def state_dict(self) -> dict:
@@ -92,16 +103,21 @@ class SumCombiner:
 class PCGradCombiner(SumCombiner):
     name = "pcgrad"
 
-    def __init__(self, seed: int):
-        self.seed = seed
+    def __init__(self, seed: int, reduction: str = "mean"):
+        self.seed, self.reduction = seed, reduction
 
     def manual_sync(self, step: int) -> bool:
         return True
 
-    def combine(self, step, task_loss, task_count, active, weighter, params, runtime, task=None) -> dict[str, float]:
+    def combine(self, step, task_loss, task_count, active, weighter, params, runtime, task=None,
+                extra=None) -> dict[str, float]:
+        _no_extra(extra, self.name)
         grads = self._grads(task_loss, active, params, runtime, task)                # [K, P]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        write_gradient(pcgrad(grads[active], generator=gen), params)
+        combined = pcgrad(grads[active], generator=gen)                              # mean of projected
+        if self.reduction == "sum":
+            combined = combined * int(active.sum())
+        write_gradient(combined, params)
         return {}
 
 
@@ -116,7 +132,9 @@ class NashCombiner(SumCombiner):
     def manual_sync(self, step: int) -> bool:
         return step % self.every == 0
 
-    def combine(self, step, task_loss, task_count, active, weighter, params, runtime, task=None) -> dict[str, float]:
+    def combine(self, step, task_loss, task_count, active, weighter, params, runtime, task=None,
+                extra=None) -> dict[str, float]:
+        _no_extra(extra, self.name)
         k = len(task_loss)
         act = active.cpu().numpy().astype(bool)
         if self.manual_sync(step):

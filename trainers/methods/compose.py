@@ -1,42 +1,63 @@
-"""Resolve the config's methods into one plan of slot owners (ARCHITECTURE.md §4).
+"""Resolve the config's methods into one plan of slot owners (docs/architecture.md, "slots").
 
-``compose()`` refuses a single-owner slot claimed twice (naming both methods) and any combination
-that is not in ``TESTED_COMBINATIONS``; ``Plan.describe()`` is what the run logs.
+``compose()`` walks the method registry: each enabled method's descriptor names the slots it
+claims and builds its :class:`~trainers.methods.protocols.Contribution`. A single-owner slot
+claimed twice is refused naming both methods; a combination of methods that no descriptor lists
+as tested is refused with the owning method's reason. Slots nobody claims get their defaults
+(uniform sampler, no pacer, mean weighter, sum combiner). ``Plan.describe()`` is what runs log.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Optional
 
 import torch
 
 from trainers.errors import ConfigError
-from trainers.methods.combiners import NashCombiner, PCGradCombiner, SumCombiner
+from trainers.methods.combiners import SumCombiner
 from trainers.methods.config import MethodsConfig
-from trainers.methods.curriculum import build_clusters, build_pacer
-from trainers.methods.dtr import DtrTransform
-from trainers.methods.protocols import BuildContext
-from trainers.methods.samplers import IntervalSampler
-from trainers.methods.weighters import MeanWeighter, UncertaintyWeighter
+from trainers.methods.protocols import (AuxLoss, BuildContext, Contribution, GradientCombiner, LossWeighter,
+                                        ModelTransform, Pacer, TimestepSampler)
+from trainers.methods.registry import METHODS, SINGLE_OWNER_SLOTS, supported_combinations
+from trainers.methods.samplers import UniformSampler
+from trainers.methods.weighters import MeanWeighter
 
-__all__ = ["Plan", "compose", "TESTED_COMBINATIONS", "SINGLE_OWNER_SLOTS"]
+__all__ = ["Plan", "NullPacer", "compose", "combination_key"]
 
-# Combinations covered by tests/methods (interface tests run for each). Keys: sorted method names,
-# with ANT's MTL spelled out because PCGrad/Nash do not compose with the curriculum.
-TESTED_COMBINATIONS = {
-    (), ("ant-uw",), ("ant-pcgrad",), ("ant-nash",), ("dtr",), ("curriculum",),
-    ("ant-uw", "dtr"), ("ant-pcgrad", "dtr"), ("ant-nash", "dtr"),
-    ("ant-uw", "curriculum"), ("curriculum", "dtr"), ("ant-uw", "curriculum", "dtr"),
-}
-SINGLE_OWNER_SLOTS = ("sampler_mode", "pacer", "weighter", "combiner")
+
+class NullPacer:
+    """No pacer: every timestep allowed, nothing to observe."""
+    name = "none"
+    monitor = "mse"
+
+    def __init__(self, num_timesteps: int):
+        self._all = torch.ones(num_timesteps, dtype=torch.bool)
+
+    def allowed(self) -> torch.Tensor:
+        return self._all
+
+    def observe(self, loss: float) -> bool:
+        return False
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+    def metrics(self) -> dict[str, float]:
+        return {}
 
 
 @dataclass
 class Plan:
-    transforms: list = field(default_factory=list)
-    sampler: Any = None
-    weighter: Any = None
-    combiner: Any = None
+    sampler: TimestepSampler
+    pacer: Pacer
+    weighter: LossWeighter
+    combiner: GradientCombiner
+    transforms: list[ModelTransform] = field(default_factory=list)
+    aux_losses: list[AuxLoss] = field(default_factory=list)
+    freeze_backbone: bool = False
     owners: dict[str, str] = field(default_factory=dict)
     key: tuple[str, ...] = ()
 
@@ -44,68 +65,64 @@ class Plan:
         out = {"methods": "+".join(self.key) or "vanilla",
                "transforms": ",".join(t.name for t in self.transforms) or "none"}
         out.update({slot: self.owners.get(slot, "default") for slot in SINGLE_OWNER_SLOTS})
+        if self.freeze_backbone:
+            out["backbone"] = "frozen"
         return out
 
-    def stateful(self) -> dict[str, Any]:
-        return {"sampler": self.sampler, "weighter": self.weighter, "combiner": self.combiner}
+    def stateful(self) -> dict[str, object]:
+        return {"sampler": self.sampler, "pacer": self.pacer, "weighter": self.weighter, "combiner": self.combiner}
+
+    def sync_pacer(self) -> None:
+        """Hand the pacer's allowed timesteps to the sampler (after build, load and every move)."""
+        self.sampler.restrict(self.pacer.allowed())
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for obj in self.stateful().values():
+            out.update(obj.metrics())
+        return out
 
 
-def _method_keys(methods: MethodsConfig) -> tuple[str, ...]:
-    keys = []
-    for name in methods.enabled():
-        keys.append(f"ant-{methods.ant.mtl}" if name == "ant" else name)
-    return tuple(sorted(keys))
+def combination_key(methods: MethodsConfig) -> tuple[str, ...]:
+    """Sorted variant keys of the enabled methods, e.g. ``("ant-uw", "dtr")``."""
+    return tuple(sorted(METHODS[name].variant(cfg) for name, cfg in methods.items()))
 
 
-def _claims(methods: MethodsConfig) -> list[tuple[str, str]]:
-    """(slot, method) pairs in config order."""
-    out = []
-    if methods.ant is not None:
-        out.append(("sampler_mode", "ant"))
-        out.append(("weighter" if methods.ant.mtl == "uw" else "combiner", f"ant-{methods.ant.mtl}"))
-    if methods.curriculum is not None:
-        out.append(("pacer", "curriculum"))
-    return out
-
-
-def compose(methods: MethodsConfig, ctx: BuildContext, device: torch.device | str = "cpu") -> Plan:
-    key = _method_keys(methods)
+def _check(methods: MethodsConfig) -> tuple[dict[str, str], tuple[str, ...]]:
     owners: dict[str, str] = {}
-    for slot, method in _claims(methods):
-        if slot in owners:
-            raise ConfigError(f"methods: {owners[slot]} and {method} both claim the {slot} slot; keep one")
-        owners[slot] = method
-    if key not in TESTED_COMBINATIONS:
-        raise ConfigError(f"methods: the combination {' + '.join(key)} is not supported "
-                          f"(ANT PCGrad/Nash need every interval each step, which the curriculum "
-                          f"withholds); use methods.ant.mtl=uw with the curriculum")
-    plan = Plan(owners=owners, key=key)
-    if methods.dtr is not None:
-        plan.transforms.append(DtrTransform(methods.dtr))
-    plan.sampler = _sampler(methods, ctx)
-    plan.weighter = MeanWeighter()
-    plan.combiner = SumCombiner()
-    ant = methods.ant
-    if ant is not None and ant.mtl == "uw":
-        plan.weighter = UncertaintyWeighter(ctx.intervals.num_intervals, ant.uw_lr, device)
-    elif ant is not None and ant.mtl == "pcgrad":
-        plan.combiner = PCGradCombiner(ctx.seed)
-    elif ant is not None and ant.mtl == "nash":
-        plan.combiner = NashCombiner(ctx.intervals.num_intervals, ant.nash_every, ant.nash_max_norm)
+    for name, cfg in methods.items():
+        desc = METHODS[name]
+        for slot in desc.slots(cfg):
+            if slot in SINGLE_OWNER_SLOTS and slot in owners:
+                raise ConfigError(f"methods: {owners[slot]} and {desc.variant(cfg)} both claim the {slot} slot; "
+                                  f"keep one")
+            if slot in SINGLE_OWNER_SLOTS:
+                owners[slot] = desc.variant(cfg)
+    key = combination_key(methods)
+    if key not in supported_combinations():
+        reasons = [METHODS[n].refusal for n in methods.enabled() if METHODS[n].refusal]
+        why = f" ({'; '.join(reasons)})" if reasons else ""
+        raise ConfigError(f"methods: the combination {' + '.join(key)} is not supported{why}")
+    return owners, key
+
+
+def compose(methods: MethodsConfig, ctx: BuildContext, device: Optional[torch.device | str] = None) -> Plan:
+    """The plan for ``methods`` (validated first: slot owners, tested combinations)."""
+    if device is not None:
+        ctx = BuildContext(**{**ctx.__dict__, "device": torch.device(device)})
+    owners, key = _check(methods)
+    parts: list[Contribution] = [METHODS[name].build(cfg, ctx) for name, cfg in methods.items()]
+
+    def owner(slot: str, default):
+        found = [getattr(p, slot) for p in parts if getattr(p, slot) is not None]
+        return found[0] if found else default()
+
+    plan = Plan(sampler=owner("sampler", lambda: UniformSampler(ctx.intervals)),
+                pacer=owner("pacer", lambda: NullPacer(ctx.num_timesteps)),
+                weighter=owner("weighter", MeanWeighter),
+                combiner=owner("combiner", SumCombiner),
+                transforms=[t for p in parts for t in p.transforms],
+                aux_losses=[a for p in parts for a in p.aux_losses],
+                freeze_backbone=any(p.freeze_backbone for p in parts), owners=owners, key=key)
+    plan.sync_pacer()
     return plan
-
-
-def _sampler(methods: MethodsConfig, ctx: BuildContext) -> IntervalSampler:
-    mode = "uniform"
-    if methods.ant is not None and methods.ant.sampling == "stratified":
-        mode = "stratified"
-        k = ctx.intervals.num_intervals
-        if ctx.local_batch % k:
-            raise ConfigError(
-                f"train.batch_size: the per-worker batch {ctx.local_batch} is not divisible by "
-                f"intervals.count={k}, which ANT stratified sampling needs; use a multiple of "
-                f"{k} per worker or methods.ant.sampling=iid")
-    if methods.curriculum is None:
-        return IntervalSampler(ctx.intervals, mode)
-    clusters, order = build_clusters(methods.curriculum, ctx.num_timesteps)
-    return IntervalSampler(ctx.intervals, mode, build_pacer(methods.curriculum), clusters, order)

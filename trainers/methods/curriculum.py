@@ -1,19 +1,25 @@
-"""Task-difficulty curriculum (Kim et al., ICLR 2025, arXiv 2403.10348; METHODS.md §4).
+"""Task-difficulty curriculum (Kim et al., ICLR 2025, arXiv 2403.10348; docs/methods.md, "Curriculum").
 
 Uniform timestep clusters ordered easy → hard (high t → low t); stage n trains on the union of the
 n easiest clusters; after the last stage the run continues with full-range training. The pacer
-(adaptive or fixed) decides when to add the next cluster from the loss all-reduced across ranks,
-so every rank takes the same decision. Only the timestep sampler (H1) changes.
+(adaptive or fixed, ``pacing.py``) decides when to add the next cluster from a loss all-reduced
+across ranks, so every rank takes the same decision. The method owns only the pacer slot: it
+narrows what the run's timestep sampler may draw.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from trainers.errors import ConfigError
-from trainers.methods.pacing import AdaptivePacer, FixedPacer, cluster_order, curriculum_clusters
+import torch
 
-__all__ = ["CurriculumConfig", "build_pacer", "build_clusters"]
+from trainers.errors import ConfigError
+from trainers.methods.intervals import Intervals, resolve_intervals
+from trainers.methods.pacing import AdaptivePacer, FixedPacer, cluster_order
+from trainers.methods.protocols import BuildContext, Contribution
+from trainers.methods.registry import MethodDescriptor, register
+
+__all__ = ["CurriculumConfig", "CurriculumPacer", "build_pacer", "curriculum_intervals", "DESCRIPTOR"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,7 @@ class CurriculumConfig:
     stage_steps: int = 100             # fixed pacing: K
     schedule: Literal["constant", "linear"] = "constant"   # fixed pacing: K or n·K steps per stage
     ordering: Literal["easy_to_hard", "hard_to_easy", "random"] = "easy_to_hard"
+    monitor: Literal["mse", "loss"] = "mse"    # the loss the pacer watches: ε-MSE or the full training loss
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -40,12 +47,60 @@ class CurriculumConfig:
 
 
 def build_pacer(cfg: CurriculumConfig):
+    """The stage state machine (``pacing.py``) for this config."""
     if cfg.pacing == "fixed":
         return FixedPacer(cfg.clusters, cfg.stage_steps, cfg.schedule)
     return AdaptivePacer(cfg.clusters, cfg.patience, cfg.delta, cfg.ema, cfg.mode, cfg.converge_window)
 
 
-def build_clusters(cfg: CurriculumConfig, num_timesteps: int) -> tuple[list[tuple[int, int]], list[int]]:
+def curriculum_intervals(cfg: CurriculumConfig, num_timesteps: int) -> Intervals:
+    """The curriculum's N clusters: uniform intervals from the same resolver as ANT's."""
     if cfg.clusters > num_timesteps:
         raise ConfigError(f"methods.curriculum.clusters: {cfg.clusters} exceeds diffusion.steps={num_timesteps}")
-    return curriculum_clusters(num_timesteps, cfg.clusters), cluster_order(cfg.clusters, cfg.ordering, cfg.seed)
+    return resolve_intervals("uniform", num_timesteps, cfg.clusters)[0]
+
+
+class CurriculumPacer:
+    """The pacer slot: stage n allows the timesteps of the first n clusters of the order."""
+
+    name = "curriculum"
+
+    def __init__(self, cfg: CurriculumConfig, num_timesteps: int):
+        self.clusters = curriculum_intervals(cfg, num_timesteps)
+        self.order = cluster_order(cfg.clusters, cfg.ordering, cfg.seed)
+        self.machine = build_pacer(cfg)
+        self.monitor = cfg.monitor
+
+    def allowed(self) -> torch.Tensor:
+        mask = torch.zeros(self.clusters.num_timesteps, dtype=torch.bool)     # [T]
+        pairs = self.clusters.pairs()
+        for cluster in self.order[: self.machine.num_active()]:
+            lo, hi = pairs[cluster]
+            mask[lo:hi] = True
+        return mask
+
+    def observe(self, loss: float) -> bool:
+        return self.machine.update(loss)
+
+    def state_dict(self) -> dict:
+        return self.machine.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.machine.load_state_dict(state)
+
+    def metrics(self) -> dict[str, float]:
+        return {f"curriculum/{k}": float(v) for k, v in self.machine.metrics().items()}
+
+
+def _build(cfg: CurriculumConfig, ctx: BuildContext) -> Contribution:
+    return Contribution(pacer=CurriculumPacer(cfg, ctx.num_timesteps))
+
+
+DESCRIPTOR = register(MethodDescriptor(
+    name="curriculum", config=CurriculumConfig, build=_build, claims=lambda cfg: ("pacer",),
+    examples={"curriculum": {"clusters": 4, "pacing": "fixed", "stage_steps": 2}},
+    tested_with=(("ant-uw", "curriculum"), ("curriculum", "dtr"), ("ant-uw", "curriculum", "dtr")),
+    refusal="ANT PCGrad/Nash need every interval each step, which the curriculum withholds; "
+            "use methods.ant.mtl=uw with the curriculum",
+    summary="timestep clusters trained easy to hard with a pacing function (Kim et al., ICLR 2025)"))

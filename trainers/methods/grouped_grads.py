@@ -1,4 +1,4 @@
-"""Per-interval gradients from ONE backward pass, for PCGrad and Nash-MTL (ANT, METHODS.md §1.4).
+"""Per-interval gradients from ONE backward pass, for PCGrad and Nash-MTL (ANT; docs/methods.md).
 
 A DiT has no interaction between samples, so the gradient of interval k's loss is the weight
 gradient restricted to the samples whose timestep lies in interval k. For every Linear, patch
@@ -11,8 +11,6 @@ layers, or a layer used twice in a forward pass, fall back to a batched backward
 (``is_grads_batched``).
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -104,7 +102,3 @@ class GroupedGradientCapture:
         if module.bias is not None:
             out["bias"] = g2.sum(0).float()
         return out
-
-
-def maybe_capture(enabled: bool, model: nn.Module, params: list[nn.Parameter]) -> Optional[GroupedGradientCapture]:
-    return GroupedGradientCapture(model, params) if enabled else None

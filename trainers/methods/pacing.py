@@ -1,21 +1,22 @@
 """Curriculum clusters and pacing state machines (CURR).
 
 Kim et al., "Denoising Task Difficulty-based Curriculum for Training Diffusion Models",
-ICLR 2025 (arXiv 2403.10348), METHODS.md §4.2–§4.3.
+ICLR 2025 (arXiv 2403.10348); docs/methods.md, "Curriculum".
 
-* Clusters are ``N`` uniform ``[lo, hi)`` timestep intervals over ``0..T−1``; cluster ``i`` is
-  ``[⌊iT/N⌋, ⌊(i+1)T/N⌋)`` (0-indexed, so the spec's ``C_{i+1}``).
+* Clusters are ``N`` uniform timestep intervals (an :class:`~trainers.methods.intervals.Intervals`
+  built by the same resolver as ANT's, in ``curriculum.py``); cluster ``i`` is
+  ``[⌊iT/N⌋, ⌊(i+1)T/N⌋)``.
 * High-t clusters are *easy*: ``easy_to_hard`` visits cluster ``N−1`` first and cluster 0 last.
 * Stage ``n ∈ 1..N`` trains on the first ``n`` clusters of the order (accumulating).
 
 Pacers are pure state machines (no collectives): the caller feeds them a loss that is already
-identical on every rank. ``num_active()`` is the "pacer" slot of ARCHITECTURE.md §4.
+identical on every rank. ``CurriculumPacer`` (``curriculum.py``) binds them into the pacer slot.
 
 Conventions resolved here:
 
 * EMA smoothing: ``ℓ̃ ← ema·ℓ̃ + (1−ema)·ℓ``, seeded with the first loss of each stage, no bias
   correction; ``ema = 0`` monitors the raw loss. The EMA restarts at every stage change.
-* ``patience`` mode is exactly the §4.3 loop: under a constant loss a stage lasts ``τ+1``
+* ``patience`` mode is exactly the paper's loop (docs/methods.md): under a constant loss a stage lasts ``τ+1``
   updates (the first update sets ``best``; ``τ`` more without improvement advance).
 * ``cap`` mode advances when the loss has converged (``converge_window`` updates without an
   improvement of more than ``δ``; default ``min(τ, 50)``) or when the stage has lasted ``τ``
@@ -34,7 +35,6 @@ from trainers.errors import CheckpointError, ConfigError, TrainingDiverged
 
 __all__ = [
     "ORDERINGS",
-    "curriculum_clusters",
     "cluster_order",
     "active_clusters",
     "AdaptivePacerConfig",
@@ -66,17 +66,8 @@ def _check_float(name: str, value: float, low: float, high: float, high_open: bo
 
 
 # --------------------------------------------------------------------------------------------
-# Clusters and orderings (§4.2, §4.3)
+# Orderings
 # --------------------------------------------------------------------------------------------
-
-
-def curriculum_clusters(T: int, N: int) -> list[tuple[int, int]]:
-    """``N`` uniform ``[lo, hi)`` intervals covering ``0..T−1`` in increasing ``t``."""
-    _check_int("T", T, 1)
-    _check_int("N", N, 1)
-    if N > T:
-        raise ConfigError(f"N={N} clusters exceed T={T} timesteps; use N <= T")
-    return [((i * T) // N, ((i + 1) * T) // N) for i in range(N)]
 
 
 def cluster_order(N: int, ordering: str, seed: int = 0) -> list[int]:
@@ -139,7 +130,7 @@ def _load_state(state_cls: type, state: dict, num_stages: int, owner: str) -> ob
 
 
 # --------------------------------------------------------------------------------------------
-# Adaptive pacing (§4.3)
+# Adaptive pacing (the paper's pacing function)
 # --------------------------------------------------------------------------------------------
 
 
@@ -265,7 +256,7 @@ class AdaptivePacer:
 
 
 # --------------------------------------------------------------------------------------------
-# Fixed pacing (§4.3 [INF] baseline)
+# Fixed pacing (a baseline; not in the paper)
 # --------------------------------------------------------------------------------------------
 
 

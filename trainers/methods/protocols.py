@@ -1,19 +1,26 @@
-"""The method slots of the training step (ARCHITECTURE.md §4; METHODS.md §0.3 hooks H1–H6).
+"""The slots of the training step and what a method contributes to them (docs/architecture.md).
 
-| slot               | owners       | filled by                                    |
-| model transform    | ordered list | DTR (later DMP, MEME architecture)           |
-| timestep sampler   | one          | uniform, ANT stratified/iid, curriculum      |
-| pacer              | 0–1          | curriculum (adaptive, fixed), inside sampler |
-| loss weighter      | one          | mean, ANT-UW                                 |
-| gradient combiner  | one          | sum, ANT-PCGrad, ANT-NashMTL                 |
+| slot               | owners       | protocol             | built-in owners                          |
+| model transform    | ordered list | ``ModelTransform``   | DTR, DMP                                 |
+| timestep sampler   | one          | ``TimestepSampler``  | uniform, ANT stratified, MEME soft       |
+| pacer              | 0–1          | ``Pacer``            | curriculum (adaptive, fixed)             |
+| loss weighter      | one          | ``LossWeighter``     | mean, ANT-UW                             |
+| gradient combiner  | one          | ``GradientCombiner`` | sum, ANT-PCGrad, ANT-NashMTL             |
+| auxiliary loss     | list         | ``AuxLoss``          | DMP prompt balancing                     |
 
-Per-sample weights (Min-SNR, P2) are part of the loss config, applied before grouping.
+Per-sample loss weights (Min-SNR, P2) belong to the loss config and apply before grouping.
 Every stateful plug-in round-trips through ``state_dict`` / ``load_state_dict``.
+
+What the loop honours, declared by plug-ins (never by method name): parameter groups with their
+own lr / weight decay (``ParamGroup``; parameters outside the model are all-reduced by the loop,
+those inside it by DDP), parameters the EMA must follow instead of averaging (``ema=False``), a
+frozen backbone (``Contribution.freeze_backbone``: out of the optimizer and ``requires_grad=False``)
+and manual gradient sync (``GradientCombiner.manual_sync``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -21,8 +28,8 @@ import torch.nn as nn
 
 from trainers.methods.intervals import Intervals
 
-__all__ = ["BuildContext", "ModelTransform", "TimestepSampler", "LossWeighter", "GradientCombiner",
-           "Stateful"]
+__all__ = ["BuildContext", "ParamGroup", "Contribution", "Stateful", "ModelTransform", "TimestepSampler",
+           "Pacer", "LossWeighter", "GradientCombiner", "AuxLoss"]
 
 
 @dataclass(frozen=True)
@@ -34,8 +41,20 @@ class BuildContext:
     local_batch: int
     world_size: int
     seed: int
+    device: torch.device = torch.device("cpu")
 
 
+@dataclass
+class ParamGroup:
+    """Parameters a plug-in adds, optimised in their own AdamW group."""
+    name: str
+    params: list[nn.Parameter]
+    lr: Optional[float] = None               # None: train.lr
+    weight_decay: Optional[float] = None     # None: train.weight_decay
+    ema: bool = True                         # False: the EMA copy follows the live value
+
+
+@runtime_checkable
 class Stateful(Protocol):
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
@@ -43,25 +62,54 @@ class Stateful(Protocol):
 
 
 class ModelTransform(Protocol):
+    """Applied to the backbone after its base weights are loaded (staged loading)."""
     name: str
     def apply(self, model: nn.Module, ctx: BuildContext) -> nn.Module: ...
+    def param_groups(self, model: nn.Module) -> list[ParamGroup]: ...     # parameters it added
 
 
 class TimestepSampler(Stateful, Protocol):
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor: ...      # t [n] int64
-    def observe(self, loss: float) -> bool: ...          # global loss; True when the stage moved
-    def active_intervals(self) -> torch.Tensor: ...     # [K] bool
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
+    # -> t [n] int64, w [n] float32 importance weights (ones by default)
+    def restrict(self, allowed: torch.Tensor) -> None: ...     # [T] bool, from the pacer
+    def active_intervals(self) -> torch.Tensor: ...            # [K] bool: intervals it can draw
+
+
+class Pacer(Stateful, Protocol):
+    monitor: str                                               # metric the pacer watches ("mse" | "loss")
+    def allowed(self) -> torch.Tensor: ...                     # [T] bool
+    def observe(self, loss: float) -> bool: ...                # global loss; True when `allowed` changed
 
 
 class LossWeighter(Stateful, Protocol):
     def reduce(self, task_loss: torch.Tensor, task_count: torch.Tensor, active: torch.Tensor) -> torch.Tensor: ...
-    def param_groups(self) -> list[dict[str, Any]]: ...
+    def param_groups(self) -> list[ParamGroup]: ...            # parameters outside the model
     def after_backward(self, active: torch.Tensor) -> None: ...
 
 
 class GradientCombiner(Stateful, Protocol):
-    def manual_sync(self, step: int) -> bool: ...
+    name: str
+    def manual_sync(self, step: int) -> bool: ...              # True: the combiner syncs gradients itself
     def capture(self, model: nn.Module, params: list[nn.Parameter], step: int) -> Any: ...   # context manager
     def combine(self, step: int, task_loss: torch.Tensor, task_count: torch.Tensor, active: torch.Tensor,
                 weighter: LossWeighter, params: list[nn.Parameter], runtime: Any,
-                task: torch.Tensor | None = None) -> dict[str, float]: ...
+                task: Optional[torch.Tensor] = None, extra: Optional[torch.Tensor] = None) -> dict[str, float]: ...
+
+
+class AuxLoss(Protocol):
+    """A term added to the reduced loss, read from the model after its forward pass."""
+    name: str
+    def __call__(self, model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+    # -> (scalar to add, detached terms to log)
+
+
+@dataclass
+class Contribution:
+    """What one method puts into the plan (every field optional)."""
+    transforms: list = field(default_factory=list)          # [ModelTransform]
+    sampler: Optional[Any] = None                           # TimestepSampler
+    pacer: Optional[Any] = None                             # Pacer
+    weighter: Optional[Any] = None                          # LossWeighter
+    combiner: Optional[Any] = None                          # GradientCombiner
+    aux_losses: list = field(default_factory=list)          # [AuxLoss]
+    freeze_backbone: bool = False                           # train only what transforms add

@@ -1,7 +1,7 @@
 """Denoising Task Routing (DTR) channel masks — pure functions.
 
 Park et al., "Denoising Task Routing for Diffusion Models", ICLR 2024 (arXiv 2310.07138),
-METHODS.md §2.2. Each routing task ``t ∈ {0..T−1}`` activates a sliding window of channels::
+docs/methods.md, "DTR". Each routing task ``t ∈ {0..T−1}`` activates a sliding window of channels::
 
     C_β    = ⌊β·C⌋                                  # channels active per task
     s(t)   = round( (t/(T−1))^α · (C − C_β) )       # window start
@@ -76,7 +76,7 @@ def window_starts(num_tasks: int, channels: int, active_ratio: float, alpha: flo
 
 
 def routing_masks(num_tasks: int, channels: int, active_ratio: float, alpha: float) -> torch.Tensor:
-    """DTR masks, float32 0/1 of shape ``[num_tasks, channels]`` (METHODS.md §2.2).
+    """DTR masks, float32 0/1 of shape ``[num_tasks, channels]`` (docs/methods.md, "DTR").
 
     Row ``t`` is ones on ``[s(t), s(t)+C_β)``; every row sums to ``⌊β·C⌋``.
     """

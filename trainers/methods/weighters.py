@@ -1,4 +1,4 @@
-"""Loss weighters (hook H4): reduce per-interval losses to the scalar that is differentiated.
+"""Loss weighters (the weighter slot): reduce per-interval losses to the scalar that is differentiated.
 
 ``task_loss[k]`` arrives as a *surrogate* ``W · S_k^local / C_k^global`` (W ranks, S the local sum
 of per-sample losses in interval k, C the global count), so that averaging gradients across ranks
@@ -7,12 +7,11 @@ in ``task_loss`` for fixed own parameters, which keeps that identity exact.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn as nn
 
 from trainers.methods.mtl.uw import uw_loss, uw_weights
+from trainers.methods.protocols import ParamGroup
 
 __all__ = ["MeanWeighter", "UncertaintyWeighter"]
 
@@ -25,7 +24,7 @@ class MeanWeighter:
         counts = task_count.to(task_loss.dtype)
         return (task_loss * counts).sum() / counts.sum().clamp(min=1.0)
 
-    def param_groups(self) -> list[dict[str, Any]]:
+    def param_groups(self) -> list[ParamGroup]:
         return []
 
     def after_backward(self, active) -> None:
@@ -42,7 +41,7 @@ class MeanWeighter:
 
 
 class UncertaintyWeighter:
-    """ANT-UW (METHODS.md §1.4a; Kendall et al. 2018): L = Σ ½(e^{−s_k} L_k / K + s_k).
+    """ANT-UW (Kendall et al. 2018, as ANT applies it; docs/methods.md): L = Σ ½(e^{−s_k} L_k / K + s_k).
 
     One scalar parameter per interval so an inactive interval (empty under the curriculum) can be
     skipped by the optimizer entirely (``grad = None``): Adam momentum never moves it.
@@ -59,8 +58,8 @@ class UncertaintyWeighter:
     def reduce(self, task_loss, task_count, active) -> torch.Tensor:
         return uw_loss(task_loss, self._s(), active)
 
-    def param_groups(self) -> list[dict[str, Any]]:
-        return [{"params": list(self.log_vars), "lr": self.lr, "weight_decay": 0.0, "name": "uw"}]
+    def param_groups(self) -> list[ParamGroup]:
+        return [ParamGroup("uw", list(self.log_vars), lr=self.lr, weight_decay=0.0)]
 
     def after_backward(self, active) -> None:
         for k, p in enumerate(self.log_vars):

@@ -1,23 +1,37 @@
 """Diffusion Transformer with adaLN-Zero (Peebles & Xie 2023, "Scalable Diffusion Models with
 Transformers", §3.2). Every block takes the timestep ``t`` as an argument so that method
-transforms (DTR masks, DMP gates) can act per sample without module state. The network never
-mentions ranks or devices.
+transforms (DTR masks, DMP gates) can act per sample without module state; transforms attach as
+adapters (``trainers/models/contract.py``) and never rename the DiT's own modules. The network
+never mentions ranks or devices.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["DiT", "DiTBlock", "DiTSpec", "SIZES", "timestep_embedding"]
+from trainers.models.contract import BlockAdapter
+
+__all__ = ["DiT", "DiTBlock", "DiTSpec", "DiTOptions", "SIZES", "timestep_embedding"]
 
 # name -> (hidden, depth, heads). N and T are CPU-sized; S/B/L/XL as in the DiT paper, Table 1.
 SIZES = {"N": (64, 4, 4), "T": (128, 6, 4), "S": (384, 12, 6), "B": (768, 12, 12),
          "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+
+
+@dataclass(frozen=True)
+class DiTOptions:
+    """``model.arch`` for the DiT family: overrides of the named size."""
+    hidden_size: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -121,7 +135,21 @@ class DiT(nn.Module):
                              persistent=False)
         self.blocks = nn.ModuleList([DiTBlock(d, spec.heads, spec.mlp_ratio) for _ in range(spec.depth)])
         self.final_layer = FinalLayer(d, p, self.out_channels)
+        self.adapters = nn.ModuleDict()                    # method transforms (contract.py)
         self._init_weights()
+
+    @property
+    def width(self) -> int:
+        return self.spec.hidden
+
+    @property
+    def num_tokens(self) -> int:
+        return self.spec.num_tokens
+
+    def add_adapter(self, name: str, adapter: BlockAdapter) -> None:
+        if name in self.adapters:
+            raise ValueError(f"an adapter named {name!r} is already attached")
+        self.adapters[name] = adapter
 
     def _init_weights(self) -> None:
         def basic(m: nn.Module) -> None:
@@ -158,9 +186,21 @@ class DiT(nn.Module):
         x = x.reshape(n, g, g, p, p, ch)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(n, ch, g * p, g * p)
 
+    def _run_block(self, index: int, h: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        block = self.blocks[index]
+        call = functools.partial(block, c=c, t=t)
+        for adapter in self.adapters.values():                                   # first registered: innermost
+            call = functools.partial(adapter.forward_block, index, c=c, t=t, inner=call)
+        return call(h)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed       # [N, L, D]
         c = self.condition(t, y)
-        for block in self.blocks:
-            h = block(h, c, t)
+        adapters = list(self.adapters.values())
+        for adapter in adapters:
+            h = adapter.enter(h, c, t)
+        for index in range(len(self.blocks)):
+            h = self._run_block(index, h, c, t) if adapters else self.blocks[index](h, c, t)
+        for adapter in reversed(adapters):
+            h = adapter.exit(h, c, t)
         return self.unpatchify(self.final_layer(h, c))                           # [N, C', H, W]

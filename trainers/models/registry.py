@@ -1,40 +1,123 @@
-"""Model registry: ``DiT-{N,T,S,B,L,XL}/{2,4,8}`` names -> built networks (a plain dict of sizes)."""
+"""Model registry by family: a plain dict ``family -> ModelFamily`` (spec type, name pattern,
+options, constructor).
+
+``model.name`` picks the family by its pattern (``DiT-B/2`` is the DiT family, size B, patch 2);
+``model.arch`` holds family-specific overrides, validated by the family's options dataclass.
+A resolved spec is stored in checkpoints as a plain dict with its ``family``, so any checkpoint
+rebuilds with the code path that trained it. A new family (MEME's U-Nets) is one module plus one
+``register_family`` call.
+"""
 from __future__ import annotations
 
 import re
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
+import torch.nn as nn
+
+from trainers.configlib import from_dict
 from trainers.errors import ConfigError
-from trainers.models.dit import SIZES, DiT, DiTSpec
+from trainers.models.dit import SIZES, DiT, DiTOptions, DiTSpec
 
-__all__ = ["build_model", "model_spec", "check_model_name"]
+__all__ = ["Geometry", "ModelFamily", "FAMILIES", "register_family", "family_of", "check_model_name", "model_options",
+           "model_spec", "build_model", "spec_to_dict", "spec_from_dict", "known_models"]
 
-_NAME = re.compile(r"^DiT-(N|T|S|B|L|XL)/(2|4|8)$")
+
+@dataclass(frozen=True)
+class Geometry:
+    image_size: int
+    channels: int
+    num_classes: int
+    learn_sigma: bool
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    pattern: re.Pattern
+    usage: str                                      # how names of this family are written
+    options: type                                   # dataclass for model.arch
+    resolve: Callable[[re.Match, Any, Geometry], Any]   # (name match, options, geometry) -> spec
+    build: Callable[[Any], nn.Module]
+    spec_type: type
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    FAMILIES[family.name] = family
+    return family
+
+
+def known_models() -> str:
+    return "; ".join(f.usage for f in FAMILIES.values())
+
+
+def family_of(name: str) -> tuple[ModelFamily, re.Match]:
+    for family in FAMILIES.values():
+        match = family.pattern.match(name)
+        if match:
+            return family, match
+    raise ConfigError(f"model.name: {name!r} is not a known model; use {known_models()} (e.g. DiT-T/2)")
 
 
 def check_model_name(name: str) -> re.Match:
-    match = _NAME.match(name)
-    if not match:
-        raise ConfigError(f"model.name: {name!r} is not a known model; use DiT-<size>/<patch> "
-                          f"with size in {', '.join(SIZES)} and patch in 2, 4, 8 (e.g. DiT-T/2)")
-    return match
+    return family_of(name)[1]
 
 
-def model_spec(cfg, *, image_size: int, channels: int, num_classes: int, learn_sigma: bool) -> DiTSpec:
-    """Resolve a ``ModelConfig`` against the data's geometry."""
-    match = check_model_name(cfg.name)
+def model_options(name: str, arch: dict) -> Any:
+    """``model.arch`` loaded strictly into the family's options dataclass."""
+    family, _ = family_of(name)
+    return from_dict(family.options, dict(arch or {}), "model.arch")
+
+
+def model_spec(cfg, *, image_size: int, channels: int, num_classes: int, learn_sigma: bool) -> Any:
+    """Resolve a ``ModelConfig`` against the data's geometry into the family's spec."""
+    family, match = family_of(cfg.name)
+    return family.resolve(match, model_options(cfg.name, cfg.arch), Geometry(image_size, channels, num_classes,
+                                                                             learn_sigma))
+
+
+def spec_to_dict(spec: Any) -> dict:
+    for family in FAMILIES.values():
+        if isinstance(spec, family.spec_type):
+            return {"family": family.name, **asdict(spec)}
+    raise ValueError(f"no registered family builds a {type(spec).__name__}")
+
+
+def spec_from_dict(data: dict) -> Any:
+    data = dict(data)
+    family = FAMILIES[data.pop("family", "DiT")]              # checkpoints before families were DiT
+    return family.spec_type(**data)
+
+
+def build_model(spec: Any) -> nn.Module:
+    if isinstance(spec, dict):
+        spec = spec_from_dict(spec)
+    for family in FAMILIES.values():
+        if isinstance(spec, family.spec_type):
+            return family.build(spec)
+    raise ValueError(f"no registered family builds a {type(spec).__name__}")
+
+
+# ------------------------------------------------------------------------------------- DiT
+def _dit_spec(match: re.Match, opt: DiTOptions, geo: Geometry) -> DiTSpec:
     hidden, depth, heads = SIZES[match.group(1)]
-    hidden = cfg.hidden_size or hidden
-    depth = cfg.depth or depth
-    heads = cfg.num_heads or heads
+    hidden = opt.hidden_size or hidden
+    depth = opt.depth or depth
+    heads = opt.num_heads or heads
     patch = int(match.group(2))
-    if image_size % patch:
-        raise ConfigError(f"model.name: patch {patch} does not divide the image size {image_size}; "
+    if geo.image_size % patch:
+        raise ConfigError(f"model.name: patch {patch} does not divide the image size {geo.image_size}; "
                           f"pick a smaller patch or resize the data")
     if hidden % heads or hidden % 4:
-        raise ConfigError(f"model.hidden_size: {hidden} must be divisible by num_heads={heads} and by 4")
-    return DiTSpec(image_size=image_size, channels=channels, patch=patch, hidden=hidden, depth=depth,
-                   heads=heads, num_classes=num_classes, learn_sigma=learn_sigma)
+        raise ConfigError(f"model.arch.hidden_size: {hidden} must be divisible by num_heads={heads} and by 4")
+    return DiTSpec(image_size=geo.image_size, channels=geo.channels, patch=patch, hidden=hidden, depth=depth,
+                   heads=heads, num_classes=geo.num_classes, learn_sigma=geo.learn_sigma, mlp_ratio=opt.mlp_ratio)
 
 
-def build_model(spec: DiTSpec) -> DiT:
-    return DiT(spec)
+register_family(ModelFamily(
+    name="DiT", pattern=re.compile(r"^DiT-(N|T|S|B|L|XL)/(2|4|8)$"),
+    usage=f"DiT-<size>/<patch> with size in {', '.join(SIZES)} and patch in 2, 4, 8",
+    options=DiTOptions, resolve=_dit_spec, build=DiT, spec_type=DiTSpec))

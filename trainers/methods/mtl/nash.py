@@ -1,7 +1,7 @@
 """Nash-MTL bargaining weights over timestep-interval tasks.
 
 ANT (Go et al., NeurIPS 2023, arXiv 2306.00354), method section, applying Navon et al.'s
-Nash-MTL to the interval tasks (METHODS.md §1.4(c)). With ``G = [g_1; ...; g_K]`` and Gram
+Nash-MTL to the interval tasks (docs/methods.md, "ANT"). With ``G = [g_1; ...; g_K]`` and Gram
 ``K = G G^T`` the weights ``alpha > 0`` solve the Nash bargaining condition
 
     (K alpha)_i = 1 / alpha_i        for all i,
@@ -14,8 +14,9 @@ The condition is exactly the stationarity condition of the strictly convex funct
     f(alpha) = 1/2 alpha^T K alpha - sum_i log alpha_i,     alpha > 0,
 
 so the Nash weights are its unique minimiser when one exists. We normalise (``c = ||K||_F``,
-``K^ = K / c``), minimise ``f`` for ``K^`` by damped Newton with a fraction-to-boundary step and
-Armijo backtracking (iterates stay positive), and return ``alpha = beta / sqrt(c)``, which
+``K^ = K / c``), minimise ``f`` for ``K^`` by Newton's method (damped with a fraction-to-boundary
+step and Armijo backtracking far from the solution, pure near it, where f is self-concordant and
+converges quadratically; iterates stay positive), and return ``alpha = beta / sqrt(c)``, which
 satisfies ``K alpha = 1 / alpha``. A minimiser fails to exist when some non-negative combination
 of the gradients vanishes (e.g. a zero gradient, or ``g_1 = -g_2``); then ``f`` is unbounded
 below, the iterates diverge, and :func:`nash_weights` returns ``None`` so the caller can keep the
@@ -81,14 +82,26 @@ def _start(Kmat: np.ndarray, init: np.ndarray | None, scale: float) -> np.ndarra
     return beta
 
 
+# Newton decrement below which the pure (undamped) Newton step is taken. f is self-concordant (a
+# convex quadratic plus a log barrier), so for lambda = sqrt(decrement) < 1 the full step stays
+# inside the domain and for lambda < 1/4 it converges quadratically (Boyd & Vandenberghe, §9.6).
+# Armijo backtracking cannot work there: f changes by ~1e-16 relative, below float64 resolution,
+# which is what made the solver give up on well-posed problems on some CPUs.
+_PURE_NEWTON = 0.0625
+
+
 def _newton_step(Kmat: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, float]:
-    """Damped-Newton update for f; returns the new iterate and the Newton decrement squared."""
+    """One Newton update for f (damped far from the solution, pure near it); returns the new
+    iterate and the Newton decrement squared."""
     grad = Kmat @ beta - 1.0 / beta  # [K]
     # Hessian K + diag(1/beta^2), solved in the scaled form (B K B + I) y = -B grad, d = B y,
     # with B = diag(beta): the scaled matrix has eigenvalues >= 1, so it never goes singular.
     scaled = beta[:, None] * Kmat * beta[None, :] + np.eye(beta.size)  # [K, K]
     d = beta * np.linalg.solve(scaled, -beta * grad)  # [K]
     decrement = float(-grad @ d)
+    full = beta + d
+    if decrement < _PURE_NEWTON and np.all(full > 0):
+        return full, decrement
     neg = d < 0
     step = 1.0 if not neg.any() else min(1.0, 0.99 * float(np.min(-beta[neg] / d[neg])))
 

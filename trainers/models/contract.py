@@ -1,0 +1,63 @@
+"""The small contract a model transform may rely on (docs/architecture.md, "model families").
+
+A *token backbone* (the DiT family) is a network whose body is a list of blocks, each called as
+``block(x [N, L, D], c [N, D], t [N]) -> [N, L, D]`` with the conditioning vector ``c`` and the
+ORIGINAL timestep ``t`` as arguments. It exposes:
+
+* ``blocks`` (an ``nn.ModuleList``), ``width`` (D) and ``num_tokens`` (L);
+* ``condition(t, y) -> c``;
+* ``add_adapter(name, adapter)``: a :class:`BlockAdapter` registered under ``adapters.<name>``.
+
+Transforms never replace or rename the backbone's modules: what they add lives in adapters, so a
+checkpoint's backbone keys are the same with and without a transform (a vanilla checkpoint starts
+a DTR run and the other way round) and base weights load before any transform is applied.
+Adapters nest in registration order: the first registered runs innermost, next to the block.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+import torch.nn as nn
+
+from trainers.errors import ConfigError
+
+__all__ = ["BlockAdapter", "TokenBackbone", "require_token_backbone"]
+
+
+class BlockAdapter(nn.Module):
+    """Acts around a token backbone's blocks; every hook is the identity unless overridden."""
+
+    def enter(self, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Before the first block (e.g. prepend tokens)."""
+        return x
+
+    def forward_block(self, index: int, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor,
+                      inner: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Around block ``index``; ``inner(x)`` runs the block (and the adapters inside this one)."""
+        return inner(x)
+
+    def exit(self, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """After the last block, before the output layer (e.g. drop prepended tokens)."""
+        return x
+
+
+@runtime_checkable
+class TokenBackbone(Protocol):
+    blocks: nn.ModuleList
+    adapters: nn.ModuleDict
+
+    @property
+    def width(self) -> int: ...
+    @property
+    def num_tokens(self) -> int: ...
+    def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor: ...
+    def add_adapter(self, name: str, adapter: BlockAdapter) -> None: ...
+
+
+def require_token_backbone(model: nn.Module, what: str) -> None:
+    """Refuse a transform on a model that does not have transformer blocks."""
+    if not isinstance(model, TokenBackbone):
+        family = getattr(getattr(model, "spec", None), "__class__", type(model)).__name__
+        raise ConfigError(f"{what}: needs a model with transformer blocks (the DiT family); "
+                          f"this model ({family}) has none - use model.name=DiT-<size>/<patch>")
