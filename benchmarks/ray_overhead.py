@@ -47,7 +47,7 @@ def in_process(cfg, tmp: str) -> tuple[float, float]:
 
 def through_ray(cfg) -> tuple[float, float]:
     from mlflow.tracking import MlflowClient
-    from orchestrator.driver import TrainRequest, run_training
+    from orchestrator.runs.driver import TrainRequest, run_training
     start = time.perf_counter()
     out = run_training(TrainRequest(cfg, quiet=True))
     wall = time.perf_counter() - start

@@ -119,7 +119,7 @@ def main() -> None:
     import ray
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    from orchestrator.driver import connect_ray
+    from orchestrator.infra.session import connect_ray
     connect_ray(None)
     grid = json.loads((out / "grid.json").read_text()) if args.reuse else run_grid(out)
     rows = []

@@ -2,7 +2,7 @@
 
 The order matters: every check runs before Ray starts; the MLflow experiment and the study's
 parent run are created on this driver before any trial starts (parallel trials never race on
-them, PLATFORM.md §2 row 12); after the tuner, trials are marked, the leaderboard is printed and
+them; docs/platform.md, "MLflow"); after the tuner, trials are marked, the leaderboard is printed and
 written, the plots and the best config go to the parent run, and the best checkpoint is
 registered when asked. Ctrl-C (or a kill) leaves a study that the same command resumes.
 """
@@ -43,7 +43,7 @@ class StudyOutcome:
 def run_search(req: SearchRequest) -> StudyOutcome:
     import ray                                                             # RAY
     from mlflow.tracking import MlflowClient
-    from orchestrator.driver import connect_ray
+    from orchestrator.infra.session import connect_ray
     from search.tuner import concurrency_for, parent_run, prepare_study, run_tuner
     prep = prepare_study(req.study)
     connect_ray(req.address)

@@ -199,7 +199,7 @@ def _find(path: str, origin: Optional[Path]) -> Path:
 
 
 def load_study(path: str, sets: Optional[list[str]] = None) -> StudyConfig:
-    from orchestrator.config_io import read_yaml
+    from orchestrator.infra.config_io import read_yaml
     p = Path(path)
     try:
         data = read_yaml(path)
@@ -221,7 +221,7 @@ def _merge(a: dict, b: dict) -> dict:
 def base_run_dict(study: StudyConfig) -> dict:
     """The run config every trial starts from (experiment + base + overrides + budget), resolved
     and validated, as a plain dict with every default filled in."""
-    from orchestrator.config_io import read_yaml
+    from orchestrator.infra.config_io import read_yaml
     data = read_yaml(study.experiment) if study.experiment else {}
     data = _merge(data, study.base)
     data.pop("name", None)                          # every trial gets its own name

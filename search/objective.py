@@ -1,5 +1,5 @@
 """The Tune trial: base config + the trial's overrides -> one Ray Train run through the
-orchestrator's training driver (PLATFORM.md §1.8).
+orchestrator's training driver (docs/platform.md, "Ray Tune, Optuna and ASHA").
 
 * The Train run is named ``<study>-<trial id>``: when Tune restarts a trial (a crashed trial
   driver, or a study resumed after an interrupt), the trial resumes its own run from its latest
@@ -34,7 +34,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     """Tune function trainable (runs in a Tune actor, with Ray already connected)."""
     import ray.tune                                                          # RAY
     from ray.tune.integration.ray_train import TuneReportCallback           # RAY
-    from orchestrator.driver import TrainRequest, run_training
+    from orchestrator.runs.driver import TrainRequest, run_training
     from trainers.config import load_config
     trial_id = ray.tune.get_context().get_trial_id()                         # RAY
     overrides = {**config["overrides"], "name": trial_run_name(context.study, trial_id)}

@@ -2,8 +2,8 @@
 leaderboard, the best trial (among full-budget trials unless asked otherwise), its config as a
 ready-to-run experiment YAML, and its checkpoint registered when asked.
 
-ASHA-stopped trials reach Optuna as COMPLETE with a partial-budget value (PLATFORM.md §1.9, §2
-row 10): they are marked ``stopped_early`` (Optuna user attribute, MLflow tag) and left out of the
+ASHA-stopped trials reach Optuna as COMPLETE with a partial-budget value (docs/platform.md,
+"Ray Tune, Optuna and ASHA"): they are marked ``stopped_early`` (Optuna user attribute, MLflow tag) and left out of the
 choice of the best trial unless ``--include-stopped``.
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ def mark_child_runs(records: list[TrialRecord], tracking_uri: str, experiment_id
     Children of the study that belong to no trial (a trial begun just before a hard kill, which
     the resumed Tune state does not know) are tagged ``orphaned`` and closed; returns their count."""
     from mlflow.tracking import MlflowClient
-    from orchestrator.tracking import RUN_NAME_TAG
+    from orchestrator.infra.tracking import RUN_NAME_TAG
     client = MlflowClient(tracking_uri)
     children = {r.data.tags.get(RUN_NAME_TAG): r for r in client.search_runs(
         [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000)}
@@ -184,7 +184,7 @@ def register_best(tracking_uri: str, model_name: str, best: TrialRecord, config_
                   alias: str = "best") -> str:
     """Register the best trial's checkpoint as a model version and point ``alias`` at it."""
     from mlflow.tracking import MlflowClient
-    from orchestrator.driver import register_checkpoint
+    from orchestrator.runs.driver import register_checkpoint
     from trainers.errors import UserError
     if best.run_id is None or not best.checkpoint:
         raise UserError(f"--register: the best trial {best.trial_id} has no checkpoint in MLflow "

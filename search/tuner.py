@@ -1,5 +1,5 @@
 """The study driver: OptunaSearch (define-by-run, persisted) + ASHA + Train-inside-Tune, with
-resume (PLATFORM.md §1.8–§1.10, §2 rows 1–3, 10–12, 16).
+resume (docs/platform.md, "Ray Tune, Optuna and ASHA").
 
 * Every check that can fail runs before Ray starts a trial: the study and base configs, a random
   sample of the space validated as the driver would, storage, the tracking store.
@@ -23,8 +23,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from orchestrator.storage import Storage, open_storage
-from orchestrator.tracking import check_tracking, ensure_experiment, find_or_create_run, log_params, \
+from orchestrator.infra.storage import Storage, open_storage
+from orchestrator.infra.tracking import check_tracking, ensure_experiment, find_or_create_run, log_params, \
     resolve_tracking_uri
 from search.config import StudyConfig, StudyError, base_run_dict, fingerprint, reports_per_trial
 from search.objective import TrialContext, run_trial
@@ -50,7 +50,7 @@ class MetricNotReported(StudyError):
 class StudySearch(OptunaSearch):
     """OptunaSearch that writes on every Optuna trial its Tune trial id, the steps it trained and
     whether it stopped before the full budget (``stopped_early``: ASHA reports such trials to
-    Optuna as COMPLETE with a partial-budget value, PLATFORM.md §1.9)."""
+    Optuna as COMPLETE with a partial-budget value; docs/platform.md)."""
 
     def __init__(self, *args: Any, budget_steps: int, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -23,7 +23,7 @@ import torch
 from trainers.errors import ConfigError, DataError
 
 __all__ = ["ArrayDataset", "load_digits", "make_shapes", "StepBatches", "BatchSource",
-           "builtin_dataset", "SHAPE_NAMES"]
+           "builtin_dataset", "builtin_geometry", "SHAPE_NAMES"]
 
 SHAPE_NAMES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 
@@ -179,3 +179,14 @@ class StepBatches:
             x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
         y = None if self.data.labels is None else self.data.labels[idx]
         return x0, y
+
+
+def builtin_geometry(cfg) -> tuple[int, int, int]:
+    """(channels, image_size, num_classes) of a built-in set from its config, without loading it."""
+    if cfg.name == "digits":
+        channels, size, classes = 1, 8, 10
+    elif cfg.name == "shapes":
+        channels, size, classes = 3, cfg.image_size, cfg.num_classes
+    else:
+        raise ConfigError(f"data.name: {cfg.name!r} is not a built-in set; its geometry comes from its files")
+    return channels, size, classes if cfg.conditional else 0

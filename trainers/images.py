@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import torch
 
-__all__ = ["make_grid", "png_bytes", "save_png"]
+__all__ = ["make_grid", "png_bytes"]
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1, scale: int = 1) -> np.ndarray:
@@ -41,8 +41,3 @@ def png_bytes(rgb: np.ndarray) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
-
-
-def save_png(path, images: torch.Tensor, nrow: int | None = None, scale: int = 1) -> None:
-    with open(path, "wb") as fh:
-        fh.write(png_bytes(make_grid(images, nrow=nrow, scale=scale)))

@@ -2,7 +2,7 @@
 
 ``LocalRuntime`` is one process. ``DistRuntime`` wraps an initialised ``torch.distributed``
 process group (gloo on CPU, NCCL on GPU); the orchestrator's Ray runtime subclasses it. Collectives
-are split from computation (ARCHITECTURE.md §8.3): the loop reduces statistics here, then calls
+are split from computation (docs/architecture.md): the loop reduces statistics here, then calls
 pure update functions with the reduced values.
 """
 from __future__ import annotations

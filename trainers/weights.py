@@ -12,7 +12,7 @@ contract (``trainers/models/contract.py``); nothing here names a method.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -20,7 +20,7 @@ import torch.nn as nn
 from trainers.errors import CheckpointError
 
 __all__ = ["ADAPTER_PREFIX", "is_adapter_key", "backbone_weights", "adapter_weights", "load_backbone",
-           "load_run_weights", "freeze_backbone", "base_reference"]
+           "load_run_weights", "freeze_backbone"]
 
 ADAPTER_PREFIX = "adapters."
 
@@ -79,8 +79,3 @@ def freeze_backbone(model: nn.Module) -> int:
             p.requires_grad_(False)
             n += p.numel()
     return n
-
-
-def base_reference(state: Optional[dict]) -> Optional[dict]:
-    """The base checkpoint a frozen-backbone checkpoint patches (None for a full checkpoint)."""
-    return None if state is None else state.get("base")

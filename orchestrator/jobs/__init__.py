@@ -1,1 +1,1 @@
-"""One-off Ray jobs: task-affinity clustering (more, e.g. MEME experts, plug in here)."""
+"""One-off Ray jobs: sampling, evaluation, task affinity."""

@@ -16,10 +16,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from orchestrator.checkpoints import read_checkpoint, resolve_checkpoint
-from orchestrator.storage import open_storage
+from orchestrator.infra.checkpoints import read_checkpoint, resolve_checkpoint
+from orchestrator.infra.storage import open_storage
 from trainers.data import builtin_dataset
-from trainers.diffusion.schedule import snr
 from trainers.errors import ConfigError
 from trainers.methods.affinity import CountSketch, cosine_matrix, interpolate_matrix, timestep_grid
 from trainers.methods.intervals import resolve_intervals
@@ -45,7 +44,7 @@ class AffinityRequest:
 
 def affinity_chunk(state: dict, timesteps: list[int], num_images: int, batch: int, dim: int, seed: int) -> np.ndarray:
     """Runs inside a Ray task: sketched gradients for some timesteps of one checkpoint."""
-    from orchestrator.sampling import model_from_state
+    from orchestrator.jobs.sampling import model_from_state
     from trainers.methods.affinity import timestep_gradients
     torch.set_num_threads(1)
     model, diffusion, cfg, _ = model_from_state(state, use_ema=True)
@@ -61,7 +60,7 @@ def affinity_chunk(state: dict, timesteps: list[int], num_images: int, batch: in
 
 def run_affinity(req: AffinityRequest, address: Optional[str] = None) -> dict:
     import ray
-    from orchestrator.driver import connect_ray
+    from orchestrator.infra.session import connect_ray
     runs = open_storage(req.storage, req.endpoint)
     states = [read_checkpoint(resolve_checkpoint(ref, runs, req.endpoint)) for ref in req.checkpoints]
     cfgs = {(s["config"]["diffusion"]["schedule"], s["config"]["diffusion"]["steps"]) for s in states}
@@ -94,7 +93,7 @@ def run_affinity(req: AffinityRequest, address: Optional[str] = None) -> dict:
 
 def _log_mlflow(req: AffinityRequest, data: bytes, pairs) -> None:
     import hashlib
-    from orchestrator.tracking import WorkerTracker, ensure_experiment, find_or_create_run, log_params
+    from orchestrator.infra.tracking import WorkerTracker, ensure_experiment, find_or_create_run, log_params
     exp = ensure_experiment(req.tracking_uri, "denoiselab-affinity")
     name = "affinity-" + hashlib.sha1(repr(req).encode()).hexdigest()[:10]
     run_id, _ = find_or_create_run(req.tracking_uri, exp, name, {"denoiselab.job": "affinity"})

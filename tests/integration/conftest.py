@@ -41,7 +41,7 @@ def local_ray(s3):
     import ray
     if ray.is_initialized():
         ray.shutdown()
-    from orchestrator.driver import worker_env
+    from orchestrator.infra.session import worker_env
     ray.init(num_cpus=4, runtime_env={"env_vars": worker_env()}, logging_level="ERROR", include_dashboard=True)
     yield ray
     ray.shutdown()

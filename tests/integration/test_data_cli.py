@@ -6,12 +6,11 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
-from orchestrator.data_io import read_dataset, read_metadata
-from orchestrator.storage import open_storage
+from orchestrator.infra.data_io import read_dataset, read_metadata
+from orchestrator.infra.storage import open_storage
 from trainers.data import load_digits
 
 CLI = [sys.executable, "-m", "orchestrator"]

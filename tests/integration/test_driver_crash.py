@@ -3,7 +3,6 @@ same command resumes and ends with exactly the model of an uninterrupted run."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path

@@ -13,10 +13,10 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from orchestrator.cli import main
-from orchestrator.data_io import read_dataset
-from orchestrator.driver import TrainRequest, run_training
-from orchestrator.sampling import SampleSpec, sample_images, write_samples
-from orchestrator.storage import open_storage
+from orchestrator.infra.data_io import read_dataset
+from orchestrator.runs.driver import TrainRequest, run_training
+from orchestrator.jobs.sampling import SampleSpec, sample_images, write_samples
+from orchestrator.infra.storage import open_storage
 from tests.helpers import ray_run_dict
 from tests.integration.conftest import list_keys
 from trainers.checkpoint import load_state

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.driver import TrainRequest, run_training
+from orchestrator.runs.driver import TrainRequest, run_training
 from orchestrator.jobs.affinity import AffinityRequest, run_affinity
 from tests.helpers import ray_run_dict
 from trainers.config import load_config

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from orchestrator.data_io import write_dataset
-from orchestrator.driver import TrainRequest, run_training, worker_env
-from orchestrator.storage import StorageError, open_storage
+from orchestrator.infra.data_io import write_dataset
+from orchestrator.infra.session import worker_env
+from orchestrator.runs.driver import TrainRequest, run_training
+from orchestrator.infra.storage import StorageError, open_storage
 from tests.helpers import ray_run_dict
 from tests.integration.conftest import list_keys
 from trainers.config import DataConfig, load_config

@@ -31,7 +31,7 @@ def search_ray():
     """Local Ray with a pinned dashboard that every worker's State API points at (other local Ray
     instances on this host must not confuse Train V2's placement-group cleaner)."""
     import ray
-    from orchestrator.driver import worker_env
+    from orchestrator.infra.session import worker_env
     if ray.is_initialized():
         ray.shutdown()
     port = free_port()
@@ -89,7 +89,7 @@ def test_smoke_study_asha_stops_weak_trials(search_ray, tmp_path):
     assert {t.user_attrs["tune_trial_id"] for t in ot.trials} == {r.trial_id for r in out.records}
     assert sum(t.user_attrs["stopped_early"] for t in ot.trials) == statuses.count("stopped")
 
-    from orchestrator.config_io import load_run_config
+    from orchestrator.infra.config_io import load_run_config
     best = load_run_config(str(out.outputs["best_yaml"]))
     assert best.train.lr == out.best.overrides["train.lr"] and best.name == "it-smoke-best"
     wait_for(lambda: all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values()), 60, 0.5,

@@ -6,14 +6,12 @@ import json
 import os
 import signal
 import threading
-import time
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
-from orchestrator.driver import TrainRequest, run_training
-from orchestrator.storage import open_storage
+from orchestrator.runs.driver import TrainRequest, run_training
+from orchestrator.infra.storage import open_storage
 from tests.helpers import ray_run_dict, wait_for
 from tests.integration.conftest import list_keys
 from trainers.checkpoint import state_from_bytes

@@ -1,4 +1,4 @@
-"""Tests for trainers.methods.intervals (ANT interval clustering, METHODS.md §1.2)."""
+"""Tests for trainers.methods.intervals (ANT interval clustering, docs/methods.md, "Intervals")."""
 from __future__ import annotations
 
 import itertools
@@ -146,7 +146,7 @@ def test_partition_dp_timing_T1000_K20() -> None:
     assert iv.num_intervals == K
 
 
-# ------------------------------------------------------- reference outputs §1.2
+# ---------------------------------------------- reference partitions (docs/methods.md)
 def test_timestep_k5_close_to_reference() -> None:
     iv, cost = resolve_intervals("timestep", 1000, 5)
     reference = [(0, 198), (199, 397), (398, 597), (598, 798), (799, 999)]

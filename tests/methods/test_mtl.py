@@ -1,4 +1,4 @@
-"""Tests for the ANT multi-task optimisers: UW, PCGrad, Nash-MTL (METHODS.md §1.4)."""
+"""Tests for the ANT multi-task optimisers: UW, PCGrad, Nash-MTL (docs/methods.md, "ANT")."""
 from __future__ import annotations
 
 import math

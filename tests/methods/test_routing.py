@@ -1,4 +1,4 @@
-"""DTR routing masks (METHODS.md §2.2)."""
+"""DTR routing masks (docs/methods.md, "DTR")."""
 from __future__ import annotations
 
 import math

@@ -10,7 +10,7 @@ import torch
 from tests.helpers import batches_for, methods_for, randomize_, tiny_config
 from trainers.build import build_all, build_context, resolve_run_intervals
 from trainers.config import load_config
-from trainers.diffusion import GaussianDiffusion, sample
+from trainers.diffusion import sample
 from trainers.errors import ConfigError
 from trainers.loop import build_state
 from trainers.methods import Intervals, compose, supported_combinations

@@ -1,4 +1,4 @@
-"""Per-sample loss weightings (METHODS.md §1.4(d))."""
+"""Per-sample loss weightings (docs/methods.md, "Loss weightings")."""
 from __future__ import annotations
 
 import math
@@ -17,7 +17,7 @@ from trainers.errors import ConfigError
 
 
 def _cosine_snr(T: int = 1000) -> torch.Tensor:
-    """SNR(t) of the capped cosine schedule (METHODS.md §0.1); large t has tiny SNR."""
+    """SNR(t) of the capped cosine schedule ; large t has tiny SNR."""
     f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
     betas = [min(1 - f((t + 1) / T) / f(t / T), 0.999) for t in range(T)]
     abar = torch.cumprod(1 - torch.tensor(betas, dtype=torch.float64), dim=0)

@@ -10,15 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.evaluation import eval_due, is_eval_metric
-from orchestrator.sampling import SampleSpec, sample_blocks, sample_images
+from orchestrator.jobs.evaluation import eval_due, is_eval_metric
+from orchestrator.jobs.sampling import SampleSpec, sample_blocks, sample_images
 from tests.helpers import randomize_, tiny_config
 from trainers.build import build_all
 from trainers.data import ArrayDataset, make_shapes
 from trainers.errors import CheckpointError, ConfigError, DataError
 from trainers.eval import suite
 from trainers.eval.inception import build_inception
-from trainers.eval.reference import (ReferenceStats, cache_root, from_uint8, images_fingerprint,
+from trainers.eval.reference import (cache_root, from_uint8, images_fingerprint,
                                      load_or_compute_reference, quantize, reference_key, to_uint8)
 from trainers.eval.suite import Extractor, builtin_extractor, inception_extractor, metric_keys, score_images
 

@@ -1,4 +1,4 @@
-"""``trainers/`` imports torch, numpy and the standard library only (ARCHITECTURE.md §2)."""
+"""``trainers/`` imports torch, numpy and the standard library only (docs/architecture.md)."""
 from __future__ import annotations
 
 import json
@@ -57,3 +57,51 @@ def test_package_exports_resolve() -> None:
         "build_inception", "FeatureNet", "train_feature_net", "load_or_train_feature_net", "extract_features"])
     for name in trainers.eval.__all__:
         assert callable(getattr(trainers.eval, name)), name
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level package of every import statement in a Python file (lazy imports included)."""
+    import ast
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_imports_point_one_way() -> None:
+    """search -> orchestrator -> trainers: the orchestrator never imports search (its command
+    arrives through the ``denoiselab.commands`` entry point), trainers neither of them."""
+    for layer, forbidden in (("orchestrator", {"search"}), ("trainers", {"orchestrator", "search"})):
+        for path in (ROOT / layer).rglob("*.py"):
+            bad = _imports(path) & forbidden
+            assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_search_command_is_contributed_by_entry_point() -> None:
+    from orchestrator.cli.main import ENTRY_POINT_GROUP, build_parser
+    from importlib import metadata
+    names = {ep.name: ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    assert names.get("search") == "search.cli:register"
+    help_text = build_parser().format_help()
+    assert "search" in help_text and "cost" in help_text
+
+
+def test_no_reference_to_documents_the_project_does_not_ship() -> None:
+    """Users have the repository only: no paths outside it, no internal design notes cited,
+    and every ``docs/*.md`` a file mentions exists."""
+    import re
+    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()
+    texts = [ROOT / f for f in tracked if f.endswith((".py", ".md", ".yaml", ".yml", ".toml", ".sh", ".cfg", ".txt"))
+             or f in ("Makefile", ".ci/run")]
+    shipped = {Path(f).name for f in tracked}
+    outside = "../" + "shared"                      # spelled apart so this file does not match itself
+    for path in texts:
+        text = path.read_text(errors="replace")
+        assert outside not in text, f"{path.relative_to(ROOT)} refers to {outside}"
+        for doc in (n + ".md" for n in ("METHODS", "ARCHITECTURE", "PLATFORM")):
+            assert doc not in text or doc in shipped, f"{path.relative_to(ROOT)} cites {doc}, not in the repository"
+        for doc in set(re.findall(r"docs/[a-z_]+\.md", text)):
+            assert (ROOT / doc).exists(), f"{path.relative_to(ROOT)} cites {doc}, which does not exist"

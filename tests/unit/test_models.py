@@ -52,7 +52,7 @@ def test_parameter_counts_match_the_paper(size: str) -> None:
     assert len(model.blocks) == SIZES[size][1]
     count = sum(p.numel() for p in model.parameters())
     assert abs(count - PAPER_PARAMS[size]) / PAPER_PARAMS[size] < 0.02, count
-    assert spec.num_tokens == 256                                   # M = 256 tokens (METHODS.md §0.1)
+    assert spec.num_tokens == 256                                   # M = 256 tokens (256 px images, 32x32x4 latents, patch 2)
     # Shapes propagate on the meta device without allocating memory.
     x = torch.empty((2, 4, 32, 32), device="meta")
     out = model(x, torch.zeros(2, dtype=torch.long, device="meta"), torch.zeros(2, dtype=torch.long, device="meta"))

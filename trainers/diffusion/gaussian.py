@@ -3,7 +3,7 @@
 DDPM (Ho et al. 2020): x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε (eq. 4), ε-prediction loss ‖ε − ε_θ‖² (eq. 14).
 Learned variance (Nichol & Dhariwal 2021, eq. 15): log Σ = v log β_t + (1−v) log β̃_t with the
 hybrid loss L_simple + L_vb, where L_vb trains only Σ (stop-gradient on the mean), as DiT does.
-Losses stay per-sample (``[N]``) here; the training step reduces them (ARCHITECTURE.md §4).
+Losses stay per-sample (``[N]``) here; the training step reduces them (docs/architecture.md).
 """
 from __future__ import annotations
 

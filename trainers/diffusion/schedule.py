@@ -2,7 +2,7 @@
 
 ``linear``: β_t = linspace(1e-4·1000/T, 0.02·1000/T, T). ``cosine``: f(u) = cos((u+s)/(1+s)·π/2)²
 with s = 0.008, β_t = min(1 − f((t+1)/T)/f(t/T), 0.999). ᾱ_t = Π_{s≤t}(1−β_s), SNR(t) = ᾱ_t/(1−ᾱ_t).
-All in float64 (METHODS.md §0.1), t = 0..T−1.
+All in float64 (docs/methods.md, "Shared substrate"), t = 0..T−1.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Per-sample loss weights for ε-prediction as pure functions of SNR(t).
 
-METHODS.md §1.4(d) (weightings in the DTR/DMP ``gaussian_diffusion.py``), with
-``SNR(t) = ᾱ_t / (1 − ᾱ_t)`` (§0.1):
+docs/methods.md, "Loss weightings" (the weightings the DTR and DMP papers train with), with
+``SNR(t) = ᾱ_t / (1 − ᾱ_t)``:
 
 * ``constant``: ``w = 1``.
 * ``min_snr`` — Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy",
@@ -9,7 +9,7 @@ METHODS.md §1.4(d) (weightings in the DTR/DMP ``gaussian_diffusion.py``), with
 * ``p2`` — Choi et al., "Perception Prioritized Training of Diffusion Models", CVPR 2022
   (arXiv 2204.00227): ``w = 1 / (k + SNR)^γ``.
 
-Weights multiply the per-sample mse term only, never the learned-Σ ``vb`` term (§8 item 2).
+Weights multiply the per-sample mse term only, never the learned-Σ ``vb`` term.
 
 SNR = 0 (possible at ``t = T−1`` on some schedules) must not produce NaN/inf:
 

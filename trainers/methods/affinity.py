@@ -1,8 +1,8 @@
-"""Task affinity between denoising tasks (ANT, arXiv 2306.00354; METHODS.md §1.2 "TAS").
+"""Task affinity between denoising tasks (ANT, arXiv 2306.00354; docs/methods.md, "Intervals").
 
 TAS[t1, t2] = cos(g_{t1}, g_{t2}), where g_t is the gradient of the loss at a fixed timestep t
 accumulated over a fixed data subset (fresh ε per batch, seeded), flattened over all parameters,
-averaged over checkpoints. Practical shortcuts (METHODS.md §1.2 [INF]), both selectable:
+averaged over checkpoints. Practical shortcuts (ours, not the paper's), both selectable:
 
 * a timestep grid (every ``stride``-th t) with bilinear interpolation of the cosine matrix to T×T;
 * a seeded count-sketch projection of each gradient to ``dim`` coordinates (bucket + random sign

@@ -3,7 +3,7 @@
 ANT (Go et al., "Addressing Negative Transfer in Diffusion Models", NeurIPS 2023,
 arXiv 2306.00354), interval clustering in the method section: the timesteps ``t = 0..T-1`` are
 partitioned into ``num_intervals`` contiguous intervals, each treated as one task by the
-multi-task optimiser. The partition minimises ``sum_k C(I_k)`` and is found exactly by dynamic programming (METHODS.md §1.2):
+multi-task optimiser. The partition minimises ``sum_k C(I_k)`` and is found exactly by dynamic programming (docs/methods.md, "Intervals"):
 
     D[0][i] = C(0, i)
     D[j][i] = min_{j-1 <= L <= i-1} D[j-1][L] + C(L+1, i)
@@ -14,9 +14,10 @@ with interval costs centred at ``c(l, r) = floor((l + r + 1) / 2)``:
 * SNR value: ``C(l, r) =  sum_{t=l..r} |v(t) - v(c)|``   (v = SNR or log-SNR)
 * affinity:  ``C(l, r) = -sum_{t=l..r} TAS[c, t]``
 
-This is a clean re-implementation from the spec: none of the reference code's quirks (a)-(d) of
-METHODS.md §1.2 (zero-valued candidates treated as invalid, off-by-one boundaries, hard-coded last
-bound, unimplemented size constraints) are reproduced, and the optional minimum width is real.
+This is a clean implementation of the recurrence: none of the published reference code's quirks
+(zero-valued candidates treated as invalid, off-by-one boundaries, a hard-coded last bound,
+documented but unimplemented size constraints) are reproduced, and the optional minimum width is
+real.
 
 Conventions: an :class:`Intervals` holds half-open intervals ``[b_k, b_{k+1})``; cost matrices are
 indexed by *inclusive* ends ``C[l, r]`` for ``l <= r`` (entries with ``l > r`` are ignored).
@@ -107,7 +108,7 @@ class Intervals:
         return list(zip(self.bounds[:-1], self.bounds[1:]))
 
     def inclusive_pairs(self) -> list[tuple[int, int]]:
-        """Inclusive ``(lo, hi - 1)`` pairs, the notation of the METHODS.md reference table."""
+        """Inclusive ``(lo, hi - 1)`` pairs, the paper's notation."""
         return [(lo, hi - 1) for lo, hi in self.pairs()]
 
     def widths(self) -> tuple[int, ...]:

@@ -7,7 +7,7 @@ docs/methods.md, "DTR". Each routing task ``t ∈ {0..T−1}`` activates a slidi
     s(t)   = round( (t/(T−1))^α · (C − C_β) )       # window start
     m_t[c] = 1  iff  s(t) ≤ c < s(t) + C_β
 
-Conventions resolved here (the spec leaves them open):
+Conventions resolved here (the paper leaves them open):
 
 * ``round`` is round-half-to-even (``torch.round`` on float64), which is also what Python's
   built-in ``round`` does. Ties are rare (they need ``(t/(T−1))^α·(C−C_β)`` to land exactly on

@@ -19,7 +19,7 @@ from trainers.configlib import from_dict
 from trainers.errors import ConfigError
 from trainers.models.dit import SIZES, DiT, DiTOptions, DiTSpec
 
-__all__ = ["Geometry", "ModelFamily", "FAMILIES", "register_family", "family_of", "check_model_name", "model_options",
+__all__ = ["Geometry", "ModelFamily", "FAMILIES", "register_family", "family_of", "model_options",
            "model_spec", "build_model", "spec_to_dict", "spec_from_dict", "known_models"]
 
 
@@ -60,10 +60,6 @@ def family_of(name: str) -> tuple[ModelFamily, re.Match]:
         if match:
             return family, match
     raise ConfigError(f"model.name: {name!r} is not a known model; use {known_models()} (e.g. DiT-T/2)")
-
-
-def check_model_name(name: str) -> re.Match:
-    return family_of(name)[1]
 
 
 def model_options(name: str, arch: dict) -> Any:

@@ -1,7 +1,7 @@
 """PCGrad (projecting conflicting gradients) over timestep-interval tasks.
 
 ANT (Go et al., NeurIPS 2023, arXiv 2306.00354), method section, applying Yu et al.'s
-PCGrad to the interval tasks; procedure as in METHODS.md §1.4(b):
+PCGrad to the interval tasks; procedure as ANT uses it (docs/methods.md, "ANT"):
 
     for each task i:  g^_i <- g_i
         for j in a fresh random permutation of all tasks (i included):

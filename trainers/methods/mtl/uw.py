@@ -1,7 +1,7 @@
 """Uncertainty Weighting over timestep intervals ("ANT-UW").
 
 ANT (Go et al., NeurIPS 2023, arXiv 2306.00354), method section, applying Kendall et al.'s
-uncertainty weighting to the interval tasks; loss form as in METHODS.md §1.4(a):
+uncertainty weighting to the interval tasks; loss form as ANT uses it (docs/methods.md, "ANT"):
 
     L = sum_i 1/2 * ( exp(-s_i) * L_i / K + s_i ),     s_i = log sigma_i^2 (init 0)
 

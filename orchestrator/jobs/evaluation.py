@@ -9,7 +9,7 @@ Reference statistics of the real data are computed once and cached (``trainers/e
 Every evaluation of checkpoint ``step_X`` of run ``NAME`` lands in three places: MLflow metrics at
 step X of the run tagged ``denoiselab.run_name = NAME``, the run tag ``eval.step_X.nN`` (a JSON
 record) and ``NAME/denoiselab/eval/step_X_nN.json`` in the run's storage. Evaluation during
-training is asynchronous (``AsyncEvaluator``, PLATFORM.md §1.4): rank 0 ships the EMA weights to a
+training is asynchronous (``AsyncEvaluator``; docs/platform.md, "Ray Train"): rank 0 ships the EMA weights to a
 Ray task at checkpoint time and collects the result at later checkpoints without blocking.
 """
 from __future__ import annotations
@@ -23,11 +23,11 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from orchestrator.checkpoints import CheckpointRef, read_checkpoint, resolve_checkpoint
-from orchestrator.data_io import read_dataset
-from orchestrator.sampling import SampleSpec, sample_images
-from orchestrator.storage import Storage, open_storage
-from orchestrator.tracking import RUN_NAME_TAG, check_tracking, resolve_tracking_uri
+from orchestrator.infra.checkpoints import CheckpointRef, read_checkpoint, resolve_checkpoint
+from orchestrator.infra.data_io import read_dataset
+from orchestrator.jobs.sampling import SampleSpec, sample_images
+from orchestrator.infra.storage import Storage, open_storage
+from orchestrator.infra.tracking import RUN_NAME_TAG, check_tracking, resolve_tracking_uri
 from trainers.config import RunConfig, load_config
 from trainers.data import ArrayDataset, builtin_dataset
 from trainers.errors import ConfigError
@@ -183,7 +183,7 @@ def evaluate_checkpoint(ref: str, *, n: int, seed: int = EVAL_SEED, steps: Optio
     uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
     check_tracking(uri)                                            # before minutes of sampling
     if not local:
-        from orchestrator.driver import connect_ray
+        from orchestrator.infra.session import connect_ray
         connect_ray(address)
     device = "cuda" if _cuda() else "cpu"
     record = evaluate_state(state, n, seed=seed, steps=steps, inception=inception, workers=workers,
@@ -252,7 +252,7 @@ class AsyncEvaluator:
 
     def submit(self, step: int, state: dict, checkpoint_uri: str) -> None:
         import ray                                                            # RAY
-        from orchestrator.sampling import slim_state
+        from orchestrator.jobs.sampling import slim_state
         cpus, gpu, device, threads = self._resources(final=step >= self.cfg.train.steps)
         task = ray.remote(_eval_task).options(num_cpus=cpus, num_gpus=gpu, scheduling_strategy="DEFAULT",
                                               max_retries=1)

@@ -2,17 +2,17 @@
 to MLflow from rank 0 (committed with each checkpoint), artifacts to MLflow and storage.
 
 Every rank calls ``ray.train.report`` at the same steps (it is a barrier, ≈2 s at the default
-health-check interval: never every step; PLATFORM.md §1.4); only rank 0 attaches a checkpoint.
+health-check interval: never every step; docs/platform.md, "Ray Train"); only rank 0 attaches a checkpoint.
 With an ``AsyncEvaluator`` (rank 0, ``eval.n > 0``), due checkpoints also start an evaluation of
 their EMA weights as a Ray task; finished ones are collected at each checkpoint without blocking,
-and the rest at ``close`` (``orchestrator/evaluation.py``).
+and the rest at ``close`` (``orchestrator/jobs/evaluation.py``).
 """
 from __future__ import annotations
 
 import tempfile
 from typing import Optional
 
-from orchestrator.storage import Storage
+from orchestrator.infra.storage import Storage
 from trainers.checkpoint import save_state
 from trainers.reporting import ProgressLine, checkpoint_dir_name
 

@@ -13,11 +13,12 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
-from orchestrator.checkpoints import resolve_checkpoint
-from orchestrator.config_io import dump_yaml
-from orchestrator.data_io import read_metadata
-from orchestrator.storage import CREDENTIAL_VARS, Storage, StorageError, open_storage
-from orchestrator.tracking import (check_tracking, ensure_experiment, find_or_create_run, log_params,
+from orchestrator.infra.checkpoints import resolve_checkpoint
+from orchestrator.infra.config_io import dump_yaml
+from orchestrator.infra.data_io import read_metadata, run_geometry
+from orchestrator.infra.session import connect_ray
+from orchestrator.infra.storage import Storage, StorageError, open_storage
+from orchestrator.infra.tracking import (check_tracking, ensure_experiment, find_or_create_run, log_params,
                                    resolve_tracking_uri)
 from trainers.build import build_context, load_affinity, resolve_run_intervals
 from trainers.config import RunConfig, load_config, run_name_for
@@ -25,7 +26,7 @@ from trainers.configlib import flatten
 from trainers.errors import ConfigError, UserError
 from trainers.methods import Intervals, compose
 
-__all__ = ["TrainRequest", "TrainOutcome", "run_training", "connect_ray", "prepare_run", "worker_env"]
+__all__ = ["TrainRequest", "TrainOutcome", "run_training", "prepare_run"]
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"
 
@@ -50,43 +51,6 @@ class TrainOutcome:
     resumed: bool
     storage_uri: str
     metrics: dict[str, Any]
-
-
-def worker_env() -> dict[str, str]:
-    """Variables every node needs: credentials and endpoints (values never logged)."""
-    names = CREDENTIAL_VARS + ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "DENOISELAB_CACHE", "DENOISELAB_INCEPTION",
-                               "DENOISELAB_EVAL_TIMEOUT_S", "RAY_API_SERVER_ADDRESS")
-    return {k: os.environ[k] for k in names if k in os.environ}
-
-
-def connect_ray(address: Optional[str]) -> None:
-    import ray
-    if ray.is_initialized():
-        return
-    env, local = worker_env(), {}
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        # A new local instance ("local": never attach to whatever a `ray start` left behind). Pin
-        # its dashboard and point the State API at it, so Train V2's placement-group cleaner never
-        # guesses among several local Ray instances (it gives up, and the placement groups of
-        # Tune-stopped trials leak: PLATFORM.md §1.8).
-        port = _dashboard_port()
-        local = {"address": "local", "dashboard_port": port}
-        env.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
-    ray.init(**{"address": address, **local}, runtime_env={"env_vars": env}, logging_level="ERROR",
-             configure_logging=True, log_to_driver=True)
-
-
-def _dashboard_port(preferred: int = 8265) -> int:
-    """Ray's usual dashboard port when it is free, else any free port."""
-    import socket
-    for port in (preferred, 0):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return s.getsockname()[1]
-            except OSError:
-                continue
-    return preferred
 
 
 def _git_commit() -> Optional[str]:
@@ -148,7 +112,7 @@ def prepare_run(req: TrainRequest) -> PreparedRun:
     intervals, _ = resolve_run_intervals(cfg, tas=tas)
     plan = compose(cfg.methods, build_context(cfg, intervals, cfg.scaling.num_workers))   # validates early
     if cfg.eval.n > 0:
-        from orchestrator.evaluation import check_eval_config
+        from orchestrator.jobs.evaluation import check_eval_config
         check_eval_config(cfg)
     payload: dict[str, Any] = {"config": cfg.to_dict(), "run_name": name, "tracking_uri": tracking_uri,
                                "intervals": intervals.to_list(), "threads": max(1, int(cfg.scaling.cpus_per_worker))}
@@ -201,15 +165,25 @@ def _start_tracking(prep: PreparedRun, req: TrainRequest, num_nodes: int) -> tup
     run_id, resumed = find_or_create_run(prep.tracking_uri, exp, prep.name, tags, req.parent_run_id)
     params = flatten(cfg.to_dict())
     params.update({f"plan.{k}": v for k, v in prep.plan.items()})
+    params.update({f"cost.{k}": v for k, v in _cost(cfg, prep.payload.get("data_meta")).items()})
     params["intervals.resolved"] = str(Intervals.from_list(prep.payload["intervals"]).pairs())
     log_params(prep.tracking_uri, run_id, params)
     return run_id, resumed
 
 
+def _cost(cfg: RunConfig, data_meta: Optional[dict]) -> dict:
+    """The model's cost as logged with every run (``denoiselab cost`` prints the same figures)."""
+    from trainers.cost import run_cost
+    channels, size, classes = run_geometry(cfg, data_meta)
+    cost = run_cost(cfg, channels=channels, image_size=size, num_classes=classes)
+    return {"params": cost.params, "trainable_params": cost.trainable_params, "macs": cost.macs, "flops": cost.flops,
+            "input": "x".join(map(str, cost.input))}
+
+
 def _trainer(prep: PreparedRun, callbacks: tuple = ()):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig   # RAY
     from ray.train.torch import TorchTrainer                                         # RAY
-    from orchestrator.worker import train_loop_per_worker
+    from orchestrator.runs.worker import train_loop_per_worker
     sc = prep.cfg.scaling
     resources = {"CPU": sc.cpus_per_worker, **sc.resources_per_worker}
     if sc.use_gpu:
@@ -273,10 +247,9 @@ def run_training(req: TrainRequest) -> TrainOutcome:
         client.set_tag(run_id, "checkpoint.final", checkpoint_uri)
     if req.register and checkpoint_uri:
         register_checkpoint(client, req.register, run_id, checkpoint_uri, dump_yaml(prep.cfg))
-    if prep.cfg.methods.curriculum is not None:
-        log_stage_plot(client, run_id, prep.storage, prep.name)
+    log_stage_plot(client, run_id, prep.storage, prep.name)       # runs with a pacer only
     client.set_terminated(run_id, "FINISHED")
-    from orchestrator.evaluation import final_eval_metrics
+    from orchestrator.jobs.evaluation import final_eval_metrics
     metrics = {**dict(result.metrics or {}), **final_eval_metrics(client, run_id)}
     return TrainOutcome(prep.name, run_id, prep.tracking_uri, checkpoint_uri, resumed_storage,
                         prep.storage.uri_of(prep.name), metrics)

@@ -3,14 +3,14 @@
 A row per run: denoiselab run name (tag ``denoiselab.run_name``), method plan (params
 ``plan.*``), steps reached (last ``loss`` step) of ``train.steps``, images/s and loss (latest),
 the best evaluation metric over the run (lowest ``fd_<set>`` / ``fid``, see
-``orchestrator/evaluation.py``) and the checkpoint URI (tag ``checkpoint.final`` or
+``orchestrator/jobs/evaluation.py``) and the checkpoint URI (tag ``checkpoint.final`` or
 ``checkpoint.latest``).
 
 ``--compare RUN RUN …`` writes PNGs (matplotlib, Agg canvas, no pyplot state) and logs them as
 artifacts ``review/*.png`` of every compared run: loss curves, evaluation metric curves, the
 per-interval loss (``interval/loss_k``, ANT's task losses) as a heatmap over steps × intervals,
 curriculum stage (``curriculum/stage``), ANT-UW weights (``uw/weight_k``), NashMTL weights
-(``nash/alpha_k``), DMP gates (``dmp/*``) and the runs' final sample grids. A figure is written
+(``nash/alpha_k``) and the runs' final sample grids. A figure is written
 only when some compared run has its metrics.
 """
 from __future__ import annotations
@@ -20,13 +20,13 @@ import os
 import re
 from typing import Optional
 
-from orchestrator.evaluation import is_eval_metric
-from orchestrator.tracking import RUN_NAME_TAG, TrackingError, check_tracking, resolve_tracking_uri
+from orchestrator.jobs.evaluation import is_eval_metric
+from orchestrator.infra.tracking import RUN_NAME_TAG, TrackingError, check_tracking, resolve_tracking_uri
 from trainers.errors import UserError
 
 __all__ = ["open_store", "list_runs", "format_table", "find_runs", "compare_runs", "PLOTS"]
 
-PLOTS = ("loss", "metrics", "interval_loss", "curriculum", "uw_weights", "nash_weights", "dmp_gates", "samples")
+PLOTS = ("loss", "metrics", "interval_loss", "curriculum", "uw_weights", "nash_weights", "samples")
 _INDEXED = re.compile(r"^(.*?)(\d+)$")
 
 
@@ -152,7 +152,7 @@ def _indexed(run, prefix: str) -> list[tuple[int, str]]:
 def compare_runs(client, refs: list[str], out_dir: str, experiment: Optional[str] = None,
                  log: bool = True) -> dict:
     """Write the comparison PNGs to ``out_dir``; log them to each run; return rows and paths."""
-    from orchestrator import review_plots as rp
+    from orchestrator.review import plots as rp
     if len(refs) < 1:
         raise UserError("--compare: name at least one run")
     runs = find_runs(client, refs, experiment)
@@ -161,7 +161,7 @@ def compare_runs(client, refs: list[str], out_dir: str, experiment: Optional[str
     hist = {}
     for run in runs:
         keys = [k for k in run.data.metrics if k == "loss" or is_eval_metric(k) or k == "curriculum/stage"
-                or k.startswith(("interval/loss_", "uw/weight_", "nash/alpha_", "dmp/"))]
+                or k.startswith(("interval/loss_", "uw/weight_", "nash/alpha_"))]
         hist[run.info.run_id] = {k: _history(client, run.info.run_id, k) for k in keys}
     series = [(name, hist[r.info.run_id]) for name, r in zip(names, runs)]
     plots: dict[str, str] = {}
@@ -173,8 +173,6 @@ def compare_runs(client, refs: list[str], out_dir: str, experiment: Optional[str
                       ("uw_weights", rp.families(series, [_indexed(r, "uw/weight_") for r in runs], "ANT-UW weights")),
                       ("nash_weights", rp.families(series, [_indexed(r, "nash/alpha_") for r in runs],
                                                    "ANT-NashMTL weights")),
-                      ("dmp_gates", rp.curves(series, sorted({k for _, h in series for k in h if k.startswith("dmp/")}),
-                                              "DMP gates")),
                       ("samples", rp.sample_grids(client, runs, names))):
         if fig is not None:
             path = os.path.join(out_dir, f"{plot}.png")

@@ -7,7 +7,7 @@ A dataset is a directory (local or ``s3://``) of shards ``part-00000.parquet`` â
 * ``label``  int64, present when the set has classes
 
 Readers are rank-aware: rank r of W reads shards r, r+W, â€¦ (disjoint), or streams its share
-through Ray Data (``orchestrator/worker.py``).
+through Ray Data (``orchestrator/runs/worker.py``).
 """
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from orchestrator.storage import Storage
-from trainers.data import ArrayDataset
+from orchestrator.infra.storage import Storage
+from trainers.data import ArrayDataset, builtin_geometry
 from trainers.errors import DataError
 
 __all__ = ["write_dataset", "read_metadata", "read_dataset", "decode_batch", "from_npz", "from_image_folder",
-           "META_FILE"]
+           "run_geometry", "META_FILE"]
 
 META_FILE = "_denoiselab.json"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -64,6 +64,17 @@ def read_metadata(storage: Storage, *parts: str) -> dict:
         raise DataError(f"data.path: {storage.uri_of(*parts)} has no {META_FILE}; create the dataset with "
                         f"`denoiselab data prepare`")
     return json.loads(storage.read_bytes(*parts, META_FILE))
+
+
+def run_geometry(cfg, meta: Optional[dict] = None) -> tuple[int, int, int]:
+    """(channels, image_size, num_classes) a run config trains on: a built-in set from its config,
+    a Parquet set from its metadata (``meta``, or read from ``data.path``)."""
+    if cfg.data.name != "parquet":
+        return builtin_geometry(cfg.data)
+    if meta is None:
+        from orchestrator.infra.storage import open_storage
+        meta = read_metadata(open_storage(cfg.data.path, cfg.storage.endpoint, cfg.storage.region, fail_fast=True))
+    return meta["channels"], meta["image_size"], meta["num_classes"] if cfg.data.conditional else 0
 
 
 def decode_batch(images: Iterable[bytes], labels: Optional[np.ndarray], meta: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -13,7 +13,7 @@ seed order.
 Outputs (``write_samples``; a local directory or ``s3://``)::
 
     samples.npz       arr_0 uint8 [N, H, W, 3] (+ arr_1 labels): the ADM evaluation suite's input
-    parquet/          the denoiselab dataset format (orchestrator/data_io.py), row i = sample i
+    parquet/          the denoiselab dataset format (orchestrator/infra/data_io.py), row i = sample i
     grid.png          the first 100 samples
     samples.json      seed, sampler settings, checkpoint, worker count
 """
@@ -28,9 +28,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from orchestrator.checkpoints import read_checkpoint, resolve_checkpoint
-from orchestrator.data_io import write_dataset
-from orchestrator.storage import open_storage
+from orchestrator.infra.data_io import write_dataset
+from orchestrator.infra.storage import open_storage
 from trainers.build import network_from_state
 from trainers.config import RunConfig, load_config
 from trainers.data import ArrayDataset
@@ -39,7 +38,7 @@ from trainers.errors import ConfigError
 from trainers.eval.reference import from_uint8, to_uint8
 from trainers.images import make_grid, png_bytes
 
-__all__ = ["model_from_state", "sample_local", "SampleSpec", "SampleSet", "slim_state", "sample_blocks",
+__all__ = ["model_from_state", "SampleSpec", "SampleSet", "slim_state", "sample_blocks",
            "sample_images", "write_samples", "sampling_mode", "num_blocks", "block_seed", "SEED_BLOCK", "GRID_MAX"]
 
 SEED_BLOCK = 64
@@ -202,13 +201,3 @@ def write_samples(result: SampleSet, out: str, endpoint: Optional[str] = None, s
     paths["meta"] = storage.write_bytes(json.dumps({**result.meta, "outputs": paths}, indent=1).encode(),
                                         "samples.json")
     return paths
-
-
-def sample_local(ref: str, *, n: int, out: str, steps: Optional[int] = None, sampler: Optional[str] = None,
-                 guidance: Optional[float] = None, use_ema: bool = True, seed: int = 0, storage: str = "./runs",
-                 endpoint: Optional[str] = None) -> str:
-    """In-process sampling of a checkpoint reference; writes ``out`` (see :func:`write_samples`)."""
-    state = read_checkpoint(resolve_checkpoint(ref, open_storage(storage, endpoint), endpoint))
-    spec = SampleSpec(n=n, seed=seed, steps=steps, sampler=sampler, guidance=guidance, use_ema=use_ema)
-    paths = write_samples(sample_images(state, spec, local=True), out, endpoint)
-    return paths.get("npz", paths["grid"])

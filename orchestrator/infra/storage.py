@@ -1,6 +1,6 @@
 """Where runs live: a local directory or ``s3://bucket/prefix`` on any S3-compatible endpoint.
 
-pyarrow's ``S3FileSystem()`` ignores ``AWS_ENDPOINT_URL`` (apache/arrow#49643; PLATFORM.md §1.3),
+pyarrow's ``S3FileSystem()`` ignores ``AWS_ENDPOINT_URL`` (apache/arrow#49643; docs/platform.md),
 so the endpoint is always passed explicitly: ``storage.endpoint`` or, failing that, the standard
 ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` variables. Credentials are never put in the
 filesystem object or any config: pyarrow resolves them from the standard AWS variables or an

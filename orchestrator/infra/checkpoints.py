@@ -6,7 +6,7 @@ import posixpath
 from dataclasses import dataclass
 from typing import Optional
 
-from orchestrator.storage import Storage, StorageError, open_storage
+from orchestrator.infra.storage import Storage, StorageError, open_storage
 from trainers.checkpoint import STATE_FILE, state_from_bytes
 
 __all__ = ["CheckpointRef", "resolve_checkpoint", "latest_step", "read_checkpoint"]

@@ -4,7 +4,7 @@
   ``sqlite:///mlflow.db`` in the working directory (made absolute so Ray workers, whose cwd
   differs, write the same file).
 * The experiment and the run are created once, on the driver (concurrent creation races on
-  sqlite; PLATFORM.md §7). The run is found again by the tag ``denoiselab.run_name``, so a resumed
+  sqlite; docs/platform.md, "MLflow"). The run is found again by the tag ``denoiselab.run_name``, so a resumed
   run appends to the same MLflow run.
 * Workers buffer per-step metrics and commit them with each checkpoint; on restart, points at or
   below the last committed step are dropped, so the history has no gaps and no duplicates.
@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import io
 import os
 import re
 import tempfile

@@ -12,11 +12,11 @@ from typing import Any, Optional
 
 import torch
 
-from orchestrator.data_io import decode_batch
-from orchestrator.ray_runtime import ray_runtime
-from orchestrator.reporter import RayReporter
-from orchestrator.storage import open_storage
-from orchestrator.tracking import NullTracker, WorkerTracker
+from orchestrator.infra.data_io import decode_batch
+from orchestrator.runs.runtime import ray_runtime
+from orchestrator.runs.reporter import RayReporter
+from orchestrator.infra.storage import open_storage
+from orchestrator.infra.tracking import NullTracker, WorkerTracker
 from trainers.checkpoint import load_state, state_from_bytes
 from trainers.config import load_config
 from trainers.data import StepBatches, builtin_dataset
@@ -99,7 +99,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     progress = ProgressLine(cfg.train.steps, every=1) if runtime.is_main else None
     evaluator = None
     if runtime.is_main and cfg.eval.n > 0:
-        from orchestrator.evaluation import AsyncEvaluator
+        from orchestrator.jobs.evaluation import AsyncEvaluator
         evaluator = AsyncEvaluator(cfg, payload["tracking_uri"], payload["run_id"], storage, payload["run_name"])
     reporter = RayReporter(tracker, storage, payload["run_name"], runtime.is_main, progress, evaluator)
     resume = _resume_state()

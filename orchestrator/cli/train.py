@@ -1,0 +1,44 @@
+"""``denoiselab train``: a run on Ray Train (or in this process with ``--local``) and its summary."""
+from __future__ import annotations
+
+from orchestrator.cli.common import add_config_args
+
+__all__ = ["register"]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a run on Ray Train (or in-process with --local)")
+    add_config_args(p, required=False)
+    p.add_argument("--address", help="Ray cluster: auto, ray://host:10001 or host:port (default: start local Ray)")
+    p.add_argument("--resume", metavar="RUN", help="resume this run by name, with its stored config")
+    p.add_argument("--restart", action="store_true", help="start a new run (new name) from the same config")
+    p.add_argument("--register", metavar="MODEL", help="register the final checkpoint as an MLflow model")
+    p.add_argument("--local", action="store_true", help="train in this process without Ray or MLflow")
+    p.set_defaults(handler=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from orchestrator.infra.config_io import load_run_config
+    cfg = load_run_config(args.config, args.overrides)
+    if args.local:
+        from orchestrator.runs.local import train_local
+        train_local(cfg)
+        return 0
+    from orchestrator.runs.driver import TrainRequest, config_for_resume, run_training
+    if args.resume:
+        cfg = config_for_resume(args.resume, cfg.replace(name=args.resume))
+    outcome = run_training(TrainRequest(cfg, address=args.address, restart=args.restart, register=args.register))
+    _print_summary(outcome)
+    return 0
+
+
+def _print_summary(o) -> None:
+    ui = f"mlflow ui --backend-store-uri {o.tracking_uri}" if not o.tracking_uri.startswith("http") else o.tracking_uri
+    grid = f"{o.storage_uri}/denoiselab/artifacts/samples/final.png"
+    print(f"\nrun         {o.run_name}{' (resumed)' if o.resumed else ''}\n"
+          f"mlflow run  {o.run_id}  ->  {ui}\n"
+          f"checkpoint  {o.checkpoint_uri}\n"
+          f"samples     {grid}")
+    for key in ("loss", "fd_digits", "fd_shapes", "fid", "is"):
+        if key in o.metrics:
+            print(f"{key:<11} {o.metrics[key]:.4f}")

@@ -1,0 +1,1 @@
+"""`denoiselab review`: run tables and comparison plots from any MLflow store."""
