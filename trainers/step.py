@@ -89,6 +89,7 @@ def _per_sample_loss(state: TrainState, x0, y, step: int):
     if y is not None and state.null_class is not None:
         y = torch.where(drop.to(dev), torch.full_like(y.to(dev), state.null_class), y.to(dev))
     xt = state.diffusion.q_sample(x0, t, eps)
+    state.plan.begin_step(state.raw_model, step, state.runtime.rank)
     with _autocast(state):
         out = state.model(xt, t, y)
     terms = state.diffusion.training_losses(out.float(), x0, xt, t, eps)

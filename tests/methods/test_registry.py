@@ -16,6 +16,7 @@ from trainers.checkpoint import load_state
 from trainers.errors import ConfigError
 from trainers.loop import build_state, train
 from trainers.methods import METHODS, Contribution, MethodDescriptor, ParamGroup, register, unregister
+from trainers.methods.protocols import TransformBase
 from trainers.methods.weighters import MeanWeighter
 from trainers.models.contract import BlockAdapter
 from trainers.reporting import LocalReporter, checkpoint_dir_name
@@ -37,11 +38,11 @@ class TokenBias(BlockAdapter):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(width))
 
-    def forward_block(self, index, x, c, t, inner):
+    def forward_block(self, index, x, cond, inner):
         return inner(x + self.bias)
 
 
-class TokenBiasTransform:
+class TokenBiasTransform(TransformBase):
     name = "token_bias"
 
     def __init__(self, cfg: TokenBiasConfig):

@@ -17,6 +17,7 @@ from trainers.methods import Intervals, compose, supported_combinations
 from trainers.methods.dtr import DtrRouter
 from trainers.methods.routing import routing_masks
 from trainers.methods.samplers import StratifiedSampler, UniformSampler
+from trainers.models.contract import Conditioning
 from trainers.models.dit import DiTBlock, modulate
 from trainers.runtime import LocalRuntime
 from trainers.step import train_step
@@ -49,7 +50,7 @@ def test_routed_block_equals_the_formula_by_hand() -> None:
     m = masks[t].unsqueeze(1)                                                 # [N, 1, C]
 
     def routed(x, c, t):
-        return router.forward_block(0, x, c, t, inner=lambda u: block(u, c, t))
+        return router.forward_block(0, x, Conditioning(c, t, c), inner=lambda u: block(u, c, t))
     y = routed(x, c, t)
     assert torch.equal(y, block(m * x, c, t) + (1 - m) * x)                   # y = Block(m⊙x) + (1−m)⊙x
     # The paper's block, written out: u = m⊙x; u += g·Attn(mod(LN u)); u += g·MLP(mod(LN u)); y = u + (1−m)⊙x
@@ -77,7 +78,7 @@ def test_dtr_routes_every_block_and_not_the_final_layer() -> None:
     gen = torch.Generator().manual_seed(0)
     h, c, t = torch.randn((2, 16, 64), generator=gen), torch.randn((2, 64), generator=gen), torch.tensor([90, 99])
     for i, block in enumerate(only.blocks):                                   # unrouted blocks see x as is
-        assert torch.equal(only._run_block(i, h, c, t), block(h, c, t)) == (i not in (1, 3))
+        assert torch.equal(only._run_block(i, h, Conditioning(c, t, c)), block(h, c, t)) == (i not in (1, 3))
     with pytest.raises(ConfigError, match="methods.dtr.blocks"):
         _build(tiny_config({"dtr": {"blocks": [7]}}))
 
@@ -121,7 +122,7 @@ def test_dtr_mask_is_gathered_by_the_original_timestep() -> None:
     h = torch.randn((1, 16, 64), generator=gen)
     c = torch.randn((1, 64), generator=gen)
     # t enters a routed block only through its mask: same c, different t -> different output...
-    out = {t: model._run_block(0, h, c, torch.tensor([t])) for t in (0, 1, 50, 99)}
+    out = {t: model._run_block(0, h, Conditioning(c, torch.tensor([t]), c)) for t in (0, 1, 50, 99)}
     assert not torch.allclose(out[0], out[99]) and not torch.allclose(out[50], out[99])
     # ...and timesteps sharing a window (s(t) = round(t/99 * 32)) give the same output.
     assert torch.equal(router.masks[0], router.masks[1]) and torch.equal(out[0], out[1])

@@ -72,6 +72,11 @@ class Plan:
     def stateful(self) -> dict[str, object]:
         return {"sampler": self.sampler, "pacer": self.pacer, "weighter": self.weighter, "combiner": self.combiner}
 
+    def begin_step(self, model, step: int, rank: int) -> None:
+        """Before each training forward (transforms with per-step randomness reseed here)."""
+        for transform in self.transforms:
+            transform.begin_step(model, step, rank)
+
     def sync_pacer(self) -> None:
         """Hand the pacer's allowed timesteps to the sampler (after build, load and every move)."""
         self.sampler.restrict(self.pacer.allowed())

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from trainers.errors import ConfigError
-from trainers.methods.protocols import BuildContext, Contribution
+from trainers.methods.protocols import BuildContext, Contribution, TransformBase
 from trainers.methods.registry import MethodDescriptor, register
 from trainers.methods.routing import random_routing_masks, routing_masks, routing_task_index
 from trainers.models.contract import BlockAdapter, require_token_backbone
@@ -55,15 +55,15 @@ class DtrRouter(BlockAdapter):
         task = routing_task_index(t, self.num_timesteps, self.masks.shape[0])
         return self.masks[task].to(dtype).unsqueeze(1)                    # [N, 1, C], gathered
 
-    def forward_block(self, index, x, c, t, inner):
+    def forward_block(self, index, x, cond, inner):
         if index not in self.blocks:
             return inner(x)
-        m = self.mask(t, x.dtype)
+        m = self.mask(cond.t, x.dtype)
         # Block(m ⊙ x) + (1 − m) ⊙ x, with the second term fused into one addcmul pass
         return torch.addcmul(inner(m * x), x, 1 - m)
 
 
-class DtrTransform:
+class DtrTransform(TransformBase):
     name = "dtr"
 
     def __init__(self, cfg: DtrConfig):
@@ -88,8 +88,6 @@ class DtrTransform:
                                            tuple(chosen)))
         return model
 
-    def param_groups(self, model: nn.Module) -> list:
-        return []                                                         # DTR adds no parameters
 
 
 DESCRIPTOR = register(MethodDescriptor(

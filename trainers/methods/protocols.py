@@ -28,7 +28,8 @@ import torch.nn as nn
 
 from trainers.methods.intervals import Intervals
 
-__all__ = ["BuildContext", "ParamGroup", "Contribution", "Stateful", "ModelTransform", "TimestepSampler",
+__all__ = ["BuildContext", "ParamGroup", "Contribution", "Stateful", "ModelTransform", "TransformBase",
+           "TimestepSampler",
            "Pacer", "LossWeighter", "GradientCombiner", "AuxLoss"]
 
 
@@ -66,6 +67,18 @@ class ModelTransform(Protocol):
     name: str
     def apply(self, model: nn.Module, ctx: BuildContext) -> nn.Module: ...
     def param_groups(self, model: nn.Module) -> list[ParamGroup]: ...     # parameters it added
+    def begin_step(self, model: nn.Module, step: int, rank: int) -> None: ...   # before each training forward
+
+
+class TransformBase:
+    """Defaults for a model transform: adds no parameters, needs nothing before a step."""
+    name = "transform"
+
+    def param_groups(self, model: nn.Module) -> list[ParamGroup]:
+        return []
+
+    def begin_step(self, model: nn.Module, step: int, rank: int) -> None:
+        return None
 
 
 class TimestepSampler(Stateful, Protocol):

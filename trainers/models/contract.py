@@ -5,8 +5,10 @@ A *token backbone* (the DiT family) is a network whose body is a list of blocks,
 ORIGINAL timestep ``t`` as arguments. It exposes:
 
 * ``blocks`` (an ``nn.ModuleList``), ``width`` (D) and ``num_tokens`` (L);
-* ``condition(t, y) -> c``;
+* ``embed(t, y) -> Conditioning`` (``c``, ``t`` and the timestep embedding alone);
 * ``add_adapter(name, adapter)``: a :class:`BlockAdapter` registered under ``adapters.<name>``.
+
+Adapter hooks receive the :class:`Conditioning` of the forward pass.
 
 Transforms never replace or rename the backbone's modules: what they add lives in adapters, so a
 checkpoint's backbone keys are the same with and without a transform (a vanilla checkpoint starts
@@ -15,29 +17,36 @@ Adapters nest in registration order: the first registered runs innermost, next t
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol, runtime_checkable
+from typing import Callable, NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
 
 from trainers.errors import ConfigError
 
-__all__ = ["BlockAdapter", "TokenBackbone", "require_token_backbone"]
+__all__ = ["Conditioning", "BlockAdapter", "TokenBackbone", "require_token_backbone"]
+
+
+class Conditioning(NamedTuple):
+    """What conditions one forward pass."""
+    c: torch.Tensor          # [N, D] conditioning vector: timestep embedding (+ class embedding)
+    t: torch.Tensor          # [N] original timesteps (never respaced indices)
+    t_emb: torch.Tensor      # [N, D] the timestep embedding alone
 
 
 class BlockAdapter(nn.Module):
     """Acts around a token backbone's blocks; every hook is the identity unless overridden."""
 
-    def enter(self, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def enter(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Before the first block (e.g. prepend tokens)."""
         return x
 
-    def forward_block(self, index: int, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor,
+    def forward_block(self, index: int, x: torch.Tensor, cond: Conditioning,
                       inner: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Around block ``index``; ``inner(x)`` runs the block (and the adapters inside this one)."""
         return inner(x)
 
-    def exit(self, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def exit(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """After the last block, before the output layer (e.g. drop prepended tokens)."""
         return x
 
@@ -51,7 +60,7 @@ class TokenBackbone(Protocol):
     def width(self) -> int: ...
     @property
     def num_tokens(self) -> int: ...
-    def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor: ...
+    def embed(self, t: torch.Tensor, y: torch.Tensor | None) -> Conditioning: ...
     def add_adapter(self, name: str, adapter: BlockAdapter) -> None: ...
 
 

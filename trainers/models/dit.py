@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainers.models.contract import BlockAdapter
+from trainers.models.contract import BlockAdapter, Conditioning
 
 __all__ = ["DiT", "DiTBlock", "DiTSpec", "DiTOptions", "SIZES", "timestep_embedding"]
 
@@ -172,13 +172,17 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        c = self.t_embedder(timestep_embedding(t, 256))                         # [N, D]
+    def embed(self, t: torch.Tensor, y: torch.Tensor | None) -> Conditioning:
+        t_emb = self.t_embedder(timestep_embedding(t, 256))                     # [N, D]
+        c = t_emb
         if self.y_embedder is not None:
             if y is None:
                 y = torch.full_like(t, self.spec.num_classes, dtype=torch.long)
             c = c + self.y_embedder(y)
-        return c
+        return Conditioning(c, t, t_emb)
+
+    def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return self.embed(t, y).c
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         n, p, ch = x.shape[0], self.spec.patch, self.out_channels
@@ -186,21 +190,20 @@ class DiT(nn.Module):
         x = x.reshape(n, g, g, p, p, ch)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(n, ch, g * p, g * p)
 
-    def _run_block(self, index: int, h: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        block = self.blocks[index]
-        call = functools.partial(block, c=c, t=t)
+    def _run_block(self, index: int, h: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        call = functools.partial(self.blocks[index], c=cond.c, t=cond.t)
         for adapter in self.adapters.values():                                   # first registered: innermost
-            call = functools.partial(adapter.forward_block, index, c=c, t=t, inner=call)
+            call = functools.partial(adapter.forward_block, index, cond=cond, inner=call)
         return call(h)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed       # [N, L, D]
-        c = self.condition(t, y)
+        cond = self.embed(t, y)
         adapters = list(self.adapters.values())
         for adapter in adapters:
-            h = adapter.enter(h, c, t)
+            h = adapter.enter(h, cond)
         for index in range(len(self.blocks)):
-            h = self._run_block(index, h, c, t) if adapters else self.blocks[index](h, c, t)
+            h = self._run_block(index, h, cond) if adapters else self.blocks[index](h, cond.c, t)
         for adapter in reversed(adapters):
-            h = adapter.exit(h, c, t)
-        return self.unpatchify(self.final_layer(h, c))                           # [N, C', H, W]
+            h = adapter.exit(h, cond)
+        return self.unpatchify(self.final_layer(h, cond.c))                      # [N, C', H, W]
