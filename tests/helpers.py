@@ -18,7 +18,7 @@ import torch
 from trainers.config import RunConfig, load_config
 from trainers.data import ArrayDataset, StepBatches, load_digits
 
-__all__ = ["free_port", "wait_for", "deep_merge", "tiny_dict", "tiny_config", "ray_run_dict", "digits",
+__all__ = ["free_port", "wait_for", "deep_merge", "tiny_dict", "tiny_config", "ray_run_dict", "digits", "init_for",
            "batches_for", "randomize_", "read_metrics", "methods_for", "T_TINY", "K_TINY"]
 
 T_TINY = 100          # diffusion.steps in tiny configs
@@ -122,3 +122,22 @@ def methods_for(key: tuple[str, ...]) -> dict:
             raise KeyError(f"no registered method has the variant {variant!r}")
         out = deep_merge(out, fragment)
     return out
+
+
+def init_for(cfg: RunConfig) -> Optional[dict]:
+    """A base checkpoint for a config whose methods train on a frozen backbone (DMP), else None:
+    the same config without those methods, its weights randomised so the base is not trivial."""
+    from trainers.build import build_context, resolve_run_intervals
+    from trainers.loop import build_state, make_state
+    from trainers.methods import METHODS, MethodsConfig
+    from trainers.runtime import LocalRuntime
+    intervals, _ = resolve_run_intervals(cfg)
+    ctx = build_context(cfg, intervals, 1)
+    keep = {name: m for name, m in cfg.methods.items() if not METHODS[name].build(m, ctx).freeze_backbone}
+    if len(keep) == len(cfg.methods.enabled()):
+        return None
+    base_cfg = cfg.replace(methods=MethodsConfig(keep))
+    state = build_state(base_cfg, LocalRuntime(), batches_for(base_cfg))
+    randomize_(state.raw_model, seed=7)
+    state.ema.model.load_state_dict(state.raw_model.state_dict())
+    return make_state(state)

@@ -31,6 +31,7 @@ _CUSTOM = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_atte
 class ModelCost:
     params: int
     trainable_params: int
+    added_params: int          # what method transforms add to the backbone (adapters)
     flops: int                 # one forward pass, one image
     macs: int                  # flops / 2
     input: tuple[int, ...]     # (C, H, W)
@@ -76,7 +77,8 @@ def model_cost(build, shape: tuple[int, int, int], num_classes: int, device: Opt
             continue
         params = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return ModelCost(params, trainable, flops, flops // 2, tuple(shape), dev)
+        added = sum(p.numel() for n, p in model.named_parameters() if n.startswith("adapters."))
+        return ModelCost(params, trainable, added, flops, flops // 2, tuple(shape), dev)
     raise RuntimeError(f"cannot count the model's FLOPs on {', '.join(tried)}: {last}")
 
 

@@ -6,6 +6,7 @@ Runs in one process; distribution comes from the Runtime and the Reporter it is 
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Optional
@@ -24,7 +25,8 @@ from trainers.methods import Intervals, compose
 from trainers.reporting import Reporter
 from trainers.runtime import Runtime
 from trainers.step import TrainState, train_step
-from trainers.weights import adapter_weights, backbone_weights, freeze_backbone, load_run_weights
+from trainers.weights import (adapter_weights, backbone_weights, check_frozen_base, freeze_backbone,
+                              load_run_weights)
 
 __all__ = ["train", "build_state", "make_state", "sample_grid"]
 
@@ -89,6 +91,7 @@ def _base_weights(cfg: RunConfig, plan, resume: Optional[dict], init: Optional[d
                      if resume is not None and resume.get("base") else "set init_from=RUN_OR_CHECKPOINT")
             raise ConfigError(f"init_from: methods {'+'.join(plan.key)} train on a frozen, pretrained "
                               f"backbone; {where}")
+        check_frozen_base(init["config"], cfg, f"init_from={cfg.init_from}")
         return backbone_weights(init["ema"])
     if resume is None and init is not None:
         return backbone_weights(init["ema"])
@@ -203,6 +206,9 @@ def train(cfg: RunConfig, runtime: Runtime, reporter: Reporter, batches: BatchSo
             last_ckpt = done
     if runtime.is_main and cfg.sample.n > 0:
         reporter.artifact("samples/final.png", _grid_png(state, batches))
+    if runtime.is_main:
+        for summary in state.plan.summaries:
+            reporter.artifact(f"summaries/{summary.name}.json", json.dumps(summary(state.ema.model)).encode())
     summary = {"step": state.step, "metrics": metrics, "seconds": time.perf_counter() - started,
                "plan": state.plan.describe(), "intervals": state.intervals.pairs()}
     reporter.close(summary)

@@ -20,7 +20,7 @@ import torch.nn as nn
 from trainers.errors import CheckpointError
 
 __all__ = ["ADAPTER_PREFIX", "is_adapter_key", "backbone_weights", "adapter_weights", "load_backbone",
-           "load_run_weights", "freeze_backbone"]
+           "load_run_weights", "freeze_backbone", "check_frozen_base"]
 
 ADAPTER_PREFIX = "adapters."
 
@@ -69,6 +69,29 @@ def load_run_weights(model: nn.Module, weights: dict[str, torch.Tensor], frozen_
     if lost or unexpected:
         raise CheckpointError(f"{source}: method parameters do not match this run (missing {lost[:3]}, "
                               f"unexpected {list(unexpected)[:3]}); use the same methods as the run that wrote it")
+
+
+def check_frozen_base(base_config: dict, cfg, source: str) -> None:
+    """A run on a frozen backbone must train the network its base was trained as: the same
+    diffusion process, model, and every transform the base used with the same settings (a DTR
+    base stays routed). One line naming both values otherwise."""
+    from trainers.config import load_config
+    from trainers.configlib import to_dict
+    from trainers.methods.registry import METHODS
+    base = load_config(base_config)
+    pairs = [("diffusion.schedule", base.diffusion.schedule, cfg.diffusion.schedule),
+             ("diffusion.steps", base.diffusion.steps, cfg.diffusion.steps),
+             ("diffusion.learn_sigma", base.diffusion.learn_sigma, cfg.diffusion.learn_sigma),
+             ("model.name", base.model.name, cfg.model.name), ("model.arch", base.model.arch, cfg.model.arch)]
+    for key, theirs, ours in pairs:
+        if theirs != ours:
+            raise CheckpointError(f"{key}: the base checkpoint ({source}) was trained with {theirs!r}, this run has "
+                                  f"{ours!r}; a patch must match its base: set {key}={theirs}")
+    for name, mcfg in base.methods.items():
+        if "transform" in METHODS[name].slots(mcfg) and getattr(cfg.methods, name) != mcfg:
+            raise CheckpointError(f"methods.{name}: the base checkpoint ({source}) was trained with {name} "
+                                  f"{to_dict(mcfg)}, this run has {to_dict(getattr(cfg.methods, name))}; a patch "
+                                  f"keeps the base's transforms: copy methods.{name} from the base config")
 
 
 def freeze_backbone(model: nn.Module) -> int:

@@ -58,6 +58,8 @@ def cost_table(cfg, cost, classes: int) -> str:
             ("input", f"{'x'.join(map(str, cost.input))}, {classes} classes"),
             ("params", f"{cost.params:,}"),
             ("trainable", f"{cost.trainable_params:,}"),
+            ("added", f"{cost.added_params:,} (+{100 * cost.added_params / max(1, cost.params - cost.added_params):.2f} "
+                      f"% of the backbone, by the methods)"),
             ("MACs/image", _si(cost.macs)),
             ("FLOPs/image", _si(cost.flops)),
             ("convention", f"1 MAC = 2 FLOPs; one forward pass; counted on {cost.device}")]

@@ -1,15 +1,25 @@
 """Find checkpoints by reference: a run name (latest checkpoint), a checkpoint directory, or a
-``state.pt`` file, on local disk or ``s3://``."""
+``state.pt`` file, on local disk or ``s3://``.
+
+A checkpoint of a run on a frozen backbone (DMP) holds only what the run added, plus ``base``:
+the URI and SHA-256 of the checkpoint it patches. :func:`read_checkpoint` fetches that base,
+verifies its hash, and returns a complete state (the base's backbone + the run's own weights), so
+sampling, evaluation and every other reader see an ordinary checkpoint.
+"""
 from __future__ import annotations
 
+import hashlib
 import posixpath
 from dataclasses import dataclass
 from typing import Optional
 
 from orchestrator.infra.storage import Storage, StorageError, open_storage
 from trainers.checkpoint import STATE_FILE, state_from_bytes
+from trainers.errors import CheckpointError
+from trainers.weights import backbone_weights
 
-__all__ = ["CheckpointRef", "resolve_checkpoint", "latest_step", "read_checkpoint"]
+__all__ = ["CheckpointRef", "resolve_checkpoint", "latest_step", "read_checkpoint", "read_base", "base_reference",
+           "complete_state", "sha256"]
 
 
 @dataclass(frozen=True)
@@ -50,5 +60,46 @@ def resolve_checkpoint(ref: str, runs: Storage, endpoint: Optional[str] = None,
     return CheckpointRef(storage, (step, name))
 
 
-def read_checkpoint(ref: CheckpointRef) -> dict:
-    return state_from_bytes(ref.storage.read_bytes(*ref.parts), ref.uri)
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def base_reference(ref: CheckpointRef, data: bytes) -> dict:
+    """What a frozen-backbone run records about the checkpoint it patches."""
+    return {"uri": ref.uri, "sha256": sha256(data), "weights": "ema"}
+
+
+def read_base(base: dict, endpoint: Optional[str] = None, region: Optional[str] = None) -> dict:
+    """The base checkpoint a patch references, after checking it is still the same file."""
+    uri = base["uri"]
+    parent, name = posixpath.split(uri)
+    try:
+        data = open_storage(parent, endpoint, region).read_bytes(name)
+    except (OSError, StorageError) as err:
+        raise CheckpointError(f"base checkpoint {uri}: cannot be read ({str(err).splitlines()[0][:120]}); the "
+                              f"patch needs the checkpoint it was trained on - restore it, or patch another "
+                              f"base in a new run (--restart)") from None
+    digest = sha256(data)
+    if digest != base["sha256"]:
+        raise CheckpointError(f"base checkpoint {uri}: has changed since the patch was trained (sha256 "
+                              f"{digest[:12]}… vs {base['sha256'][:12]}…); restore the original, or patch the "
+                              f"new one in a new run (--restart)")
+    return state_from_bytes(data, uri)
+
+
+def complete_state(state: dict, endpoint: Optional[str] = None, region: Optional[str] = None) -> dict:
+    """A patch checkpoint with its base's backbone filled in (other checkpoints unchanged)."""
+    if not state.get("base"):
+        return state
+    base = read_base(state["base"], endpoint, region)
+    full = {k: v for k, v in state.items() if k != "base"}
+    for key in ("model", "ema"):
+        full[key] = {**backbone_weights(base["ema"]), **state[key]}
+    full["patched_base"] = dict(state["base"])
+    return full
+
+
+def read_checkpoint(ref: CheckpointRef, complete: bool = True) -> dict:
+    """The checkpoint at ``ref``; a patch comes back completed with its (verified) base."""
+    state = state_from_bytes(ref.storage.read_bytes(*ref.parts), ref.uri)
+    return complete_state(state, ref.storage.endpoint) if complete else state

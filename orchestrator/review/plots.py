@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["curves", "interval_heatmaps", "families", "sample_grids"]
+__all__ = ["curves", "interval_heatmaps", "families", "sample_grids", "summary_heatmaps", "figure_png", "run_summaries"]
 
 Series = list[tuple[str, dict[str, list[tuple[int, float]]]]]
 
@@ -122,3 +122,47 @@ def sample_grids(client, runs: list, names: list[str]) -> Optional[Figure]:
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     return fig
+
+
+def summary_heatmaps(panels: list[tuple[str, dict]]) -> Optional[Figure]:
+    """``kind: heatmap`` summaries a method writes (``summaries/<name>.json``), one panel per run."""
+    panels = [(name, s) for name, s in panels if s.get("kind") == "heatmap" and s.get("values")]
+    if not panels:
+        return None
+    fig, axes = _figure(len(panels), panels[0][1].get("title", "summary"))
+    for ax, (name, summary) in zip(axes, panels):
+        values = np.asarray(summary["values"], dtype=float)
+        image = ax.imshow(values, aspect="auto", origin="lower", interpolation="nearest", cmap="magma")
+        fig.colorbar(image, ax=ax)
+        rows = summary.get("rows") or []
+        if rows:
+            ax.set_yticks(range(len(rows)), rows, fontsize=7)
+        ax.set_xlabel(summary.get("xlabel", ""))
+        ax.set_ylabel(summary.get("ylabel", ""))
+        ax.set_title(name, fontsize=9)
+    return fig
+
+
+def figure_png(fig: Figure) -> bytes:
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def run_summaries(client, run) -> dict[str, dict]:
+    """The ``summaries/*.json`` artifacts of one run, by name."""
+    import json
+    import os
+    out = {}
+    try:
+        listed = client.list_artifacts(run.info.run_id, "summaries")
+    except Exception:  # noqa: BLE001 - a store without the folder
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        for item in listed:
+            if item.path.endswith(".json"):
+                path = client.download_artifacts(run.info.run_id, item.path, tmp)
+                with open(path) as fh:
+                    out[os.path.basename(item.path)[:-5]] = json.load(fh)
+    return out

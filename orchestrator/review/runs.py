@@ -10,7 +10,8 @@ the best evaluation metric over the run (lowest ``fd_<set>`` / ``fid``, see
 artifacts ``review/*.png`` of every compared run: loss curves, evaluation metric curves, the
 per-interval loss (``interval/loss_k``, ANT's task losses) as a heatmap over steps × intervals,
 curriculum stage (``curriculum/stage``), ANT-UW weights (``uw/weight_k``), NashMTL weights
-(``nash/alpha_k``) and the runs' final sample grids. A figure is written
+(``nash/alpha_k``), the runs' final sample grids and every summary a method wrote
+(``summaries/*.json``, e.g. DMP's gate usage per timestep range). A figure is written
 only when some compared run has its metrics.
 """
 from __future__ import annotations
@@ -149,6 +150,14 @@ def _indexed(run, prefix: str) -> list[tuple[int, str]]:
     return sorted(keys)
 
 
+def _summary_plots(client, runs: list, names: list[str]) -> list[tuple[str, object]]:
+    """One figure per summary a method wrote (e.g. DMP's gate usage), a panel per run."""
+    from orchestrator.review import plots as rp
+    per_run = [(name, rp.run_summaries(client, run)) for run, name in zip(runs, names)]
+    keys = sorted({key for _, summaries in per_run for key in summaries})
+    return [(key, rp.summary_heatmaps([(name, s[key]) for name, s in per_run if key in s])) for key in keys]
+
+
 def compare_runs(client, refs: list[str], out_dir: str, experiment: Optional[str] = None,
                  log: bool = True) -> dict:
     """Write the comparison PNGs to ``out_dir``; log them to each run; return rows and paths."""
@@ -173,7 +182,8 @@ def compare_runs(client, refs: list[str], out_dir: str, experiment: Optional[str
                       ("uw_weights", rp.families(series, [_indexed(r, "uw/weight_") for r in runs], "ANT-UW weights")),
                       ("nash_weights", rp.families(series, [_indexed(r, "nash/alpha_") for r in runs],
                                                    "ANT-NashMTL weights")),
-                      ("samples", rp.sample_grids(client, runs, names))):
+                      ("samples", rp.sample_grids(client, runs, names)),
+                      *_summary_plots(client, runs, names)):
         if fig is not None:
             path = os.path.join(out_dir, f"{plot}.png")
             fig.savefig(path, dpi=100)

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
-from orchestrator.infra.checkpoints import resolve_checkpoint
+from orchestrator.infra.checkpoints import base_reference, resolve_checkpoint
 from orchestrator.infra.config_io import dump_yaml
 from orchestrator.infra.data_io import read_metadata, run_geometry
 from orchestrator.infra.session import connect_ray
@@ -23,7 +23,10 @@ from orchestrator.infra.tracking import (check_tracking, ensure_experiment, find
 from trainers.build import build_context, load_affinity, resolve_run_intervals
 from trainers.config import RunConfig, load_config, run_name_for
 from trainers.configlib import flatten
-from trainers.errors import ConfigError, UserError
+from trainers.checkpoint import check_compatible, state_from_bytes
+from trainers.errors import CheckpointError, ConfigError, UserError
+from trainers.models import model_spec, spec_to_dict
+from trainers.weights import check_frozen_base
 from trainers.methods import Intervals, compose
 
 __all__ = ["TrainRequest", "TrainOutcome", "run_training", "prepare_run"]
@@ -122,9 +125,30 @@ def prepare_run(req: TrainRequest) -> PreparedRun:
         payload["data_meta"] = read_metadata(data_storage)
         datasets["train"] = _read_parquet(cfg)
     if cfg.init_from:
-        payload["init_from"] = resolve_checkpoint(cfg.init_from, storage, cfg.storage.endpoint,
-                                                  cfg.storage.region).payload()
+        ref = resolve_checkpoint(cfg.init_from, storage, cfg.storage.endpoint, cfg.storage.region)
+        payload["init_from"] = ref.payload()
+        if plan.freeze_backbone:
+            payload["base_ref"] = _check_base(cfg, ref, payload.get("data_meta"))
+    elif plan.freeze_backbone:
+        raise ConfigError(f"init_from: methods {'+'.join(plan.key)} patch a frozen, pretrained model; "
+                          f"set init_from=RUN_OR_CHECKPOINT (a run name, checkpoint directory or state.pt)")
     return PreparedRun(cfg, name, storage, tracking_uri, payload, datasets, plan.describe())
+
+
+def _check_base(cfg: RunConfig, ref, data_meta: Optional[dict]) -> dict:
+    """The base a frozen-backbone run patches: not itself a patch, the same diffusion, model,
+    transforms and data geometry; returns its reference (URI + SHA-256) for the checkpoints."""
+    data = ref.storage.read_bytes(*ref.parts)
+    base = state_from_bytes(data, ref.uri)
+    if base.get("base"):
+        raise CheckpointError(f"init_from: {ref.uri} is itself a patch (of {base['base'].get('uri')}); patch "
+                              f"that base, or fine-tune this run with methods.dmp.mode=fine_tuning")
+    check_frozen_base(base["config"], cfg, ref.uri)
+    channels, size, classes = run_geometry(cfg, data_meta)
+    spec = model_spec(cfg.model, image_size=size, channels=channels, num_classes=classes,
+                      learn_sigma=cfg.diffusion.learn_sigma)
+    check_compatible(base, spec_to_dict(spec), f"init_from={ref.uri}")
+    return base_reference(ref, data)
 
 
 def _affinity_matrix(cfg: RunConfig, storage: Storage):
@@ -176,8 +200,8 @@ def _cost(cfg: RunConfig, data_meta: Optional[dict]) -> dict:
     from trainers.cost import run_cost
     channels, size, classes = run_geometry(cfg, data_meta)
     cost = run_cost(cfg, channels=channels, image_size=size, num_classes=classes)
-    return {"params": cost.params, "trainable_params": cost.trainable_params, "macs": cost.macs, "flops": cost.flops,
-            "input": "x".join(map(str, cost.input))}
+    return {"params": cost.params, "trainable_params": cost.trainable_params, "added_params": cost.added_params,
+            "macs": cost.macs, "flops": cost.flops, "input": "x".join(map(str, cost.input))}
 
 
 def _trainer(prep: PreparedRun, callbacks: tuple = ()):

@@ -9,6 +9,7 @@ and the rest at ``close`` (``orchestrator/jobs/evaluation.py``).
 """
 from __future__ import annotations
 
+import json
 import tempfile
 from typing import Optional
 
@@ -54,6 +55,11 @@ class RayReporter:
             return
         self.tracker.artifact(name, data)
         self.storage.write_bytes(data, self.run_name, "denoiselab", "artifacts", name)
+        if name.startswith("summaries/") and name.endswith(".json"):     # a method's summary: also as a picture
+            from orchestrator.review.plots import figure_png, summary_heatmaps
+            fig = summary_heatmaps([(self.run_name, json.loads(data))])
+            if fig is not None:
+                self.artifact(f"plots/{name[len('summaries/'):-5]}.png", figure_png(fig))
 
     def close(self, summary: dict) -> None:
         if self.evaluator is not None:

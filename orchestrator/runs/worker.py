@@ -12,11 +12,12 @@ from typing import Any, Optional
 
 import torch
 
+from orchestrator.infra.checkpoints import complete_state, read_base
 from orchestrator.infra.data_io import decode_batch
-from orchestrator.runs.runtime import ray_runtime
-from orchestrator.runs.reporter import RayReporter
 from orchestrator.infra.storage import open_storage
 from orchestrator.infra.tracking import NullTracker, WorkerTracker
+from orchestrator.runs.reporter import RayReporter
+from orchestrator.runs.runtime import ray_runtime
 from trainers.checkpoint import load_state, state_from_bytes
 from trainers.config import load_config
 from trainers.data import StepBatches, builtin_dataset
@@ -89,6 +90,22 @@ def _resume_state() -> Optional[dict]:
         return load_state(directory)
 
 
+def _initial_weights(cfg, payload: dict, resume: Optional[dict]) -> tuple[Optional[dict], Optional[dict]]:
+    """(init state, base reference): the base a patch references (verified by hash, also on
+    resume, where the checkpoint holds only the patch), or ``init_from`` on a new run."""
+    endpoint, region = cfg.storage.endpoint, cfg.storage.region
+    if resume is not None:
+        return (read_base(resume["base"], endpoint, region), resume["base"]) if resume.get("base") else (None, None)
+    if not payload.get("init_from"):
+        return None, None
+    src = payload["init_from"]
+    base_ref = payload.get("base_ref")
+    if base_ref is not None:
+        return read_base(base_ref, endpoint, region), base_ref
+    data = open_storage(src["storage"], endpoint, region).read_bytes(*src["parts"])
+    return complete_state(state_from_bytes(data, src["uri"]), endpoint, region), None
+
+
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(payload.get("threads", 1))))
     cfg = load_config(payload["config"])
@@ -103,11 +120,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         evaluator = AsyncEvaluator(cfg, payload["tracking_uri"], payload["run_id"], storage, payload["run_name"])
     reporter = RayReporter(tracker, storage, payload["run_name"], runtime.is_main, progress, evaluator)
     resume = _resume_state()
-    init = None
-    if resume is None and payload.get("init_from"):
-        src = open_storage(payload["init_from"]["storage"], cfg.storage.endpoint, cfg.storage.region)
-        init = state_from_bytes(src.read_bytes(*payload["init_from"]["parts"]), payload["init_from"]["uri"])
+    init, base_ref = _initial_weights(cfg, payload, resume)
     batches = DataAudit(_batches(cfg, payload, runtime.rank, runtime.world_size))
-    train(cfg, runtime, reporter, batches, resume=resume, init=init,
+    train(cfg, runtime, reporter, batches, resume=resume, init=init, base_ref=base_ref,
           intervals=Intervals.from_list(payload["intervals"]))
     batches.write(storage, payload["run_name"], runtime.rank)

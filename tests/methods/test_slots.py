@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import batches_for, methods_for, randomize_, tiny_config
+from tests.helpers import batches_for, init_for, methods_for, randomize_, tiny_config
 from trainers.build import build_all, build_context, resolve_run_intervals
 from trainers.config import load_config
 from trainers.diffusion import sample
@@ -285,7 +285,7 @@ def test_plugin_state_round_trips(key) -> None:
     """Every stateful plug-in restores its state into a freshly composed plan."""
     cfg = tiny_config(methods_for(key))
     batches = batches_for(cfg)
-    state = build_state(cfg, LocalRuntime(), batches)
+    state = build_state(cfg, LocalRuntime(), batches, init=init_for(cfg))
     for step in range(3):
         train_step(state, *batches.get(step), step)
     saved = {name: obj.state_dict() for name, obj in state.plan.stateful().items()}

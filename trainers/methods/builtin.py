@@ -7,3 +7,4 @@ is added outside it, before the routed block).
 from trainers.methods import dtr  # noqa: F401
 from trainers.methods import ant  # noqa: F401
 from trainers.methods import curriculum  # noqa: F401
+from trainers.methods import dmp  # noqa: F401

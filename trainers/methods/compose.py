@@ -17,7 +17,7 @@ from trainers.errors import ConfigError
 from trainers.methods.combiners import SumCombiner
 from trainers.methods.config import MethodsConfig
 from trainers.methods.protocols import (AuxLoss, BuildContext, Contribution, GradientCombiner, LossWeighter,
-                                        ModelTransform, Pacer, TimestepSampler)
+                                        ModelTransform, Pacer, Summary, TimestepSampler)
 from trainers.methods.registry import METHODS, SINGLE_OWNER_SLOTS, supported_combinations
 from trainers.methods.samplers import UniformSampler
 from trainers.methods.weighters import MeanWeighter
@@ -57,6 +57,7 @@ class Plan:
     combiner: GradientCombiner
     transforms: list[ModelTransform] = field(default_factory=list)
     aux_losses: list[AuxLoss] = field(default_factory=list)
+    summaries: list[Summary] = field(default_factory=list)
     freeze_backbone: bool = False
     owners: dict[str, str] = field(default_factory=dict)
     key: tuple[str, ...] = ()
@@ -128,6 +129,7 @@ def compose(methods: MethodsConfig, ctx: BuildContext, device: Optional[torch.de
                 combiner=owner("combiner", SumCombiner),
                 transforms=[t for p in parts for t in p.transforms],
                 aux_losses=[a for p in parts for a in p.aux_losses],
+                summaries=[m for p in parts for m in p.summaries],
                 freeze_backbone=any(p.freeze_backbone for p in parts), owners=owners, key=key)
     plan.sync_pacer()
     return plan

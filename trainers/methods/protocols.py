@@ -30,7 +30,7 @@ from trainers.methods.intervals import Intervals
 
 __all__ = ["BuildContext", "ParamGroup", "Contribution", "Stateful", "ModelTransform", "TransformBase",
            "TimestepSampler",
-           "Pacer", "LossWeighter", "GradientCombiner", "AuxLoss"]
+           "Pacer", "LossWeighter", "GradientCombiner", "AuxLoss", "Summary"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,14 @@ class GradientCombiner(Stateful, Protocol):
                 task: Optional[torch.Tensor] = None, extra: Optional[torch.Tensor] = None) -> dict[str, float]: ...
 
 
+class Summary(Protocol):
+    """A JSON-able picture of what a method learned, written at the end of a run as
+    ``summaries/<name>.json`` (the orchestrator also renders ``kind: heatmap`` as a PNG)."""
+    name: str
+    def __call__(self, model: nn.Module) -> dict: ...
+    # -> {"kind": "heatmap", "title", "xlabel", "ylabel", "rows": [labels], "values": [[...]]}
+
+
 class AuxLoss(Protocol):
     """A term added to the reduced loss, read from the model after its forward pass."""
     name: str
@@ -125,4 +133,5 @@ class Contribution:
     weighter: Optional[Any] = None                          # LossWeighter
     combiner: Optional[Any] = None                          # GradientCombiner
     aux_losses: list = field(default_factory=list)          # [AuxLoss]
+    summaries: list = field(default_factory=list)           # [Summary]
     freeze_backbone: bool = False                           # train only what transforms add
