@@ -32,6 +32,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/method_overhead.py
 	$(PY) benchmarks/ray_overhead.py
+	$(PY) benchmarks/dmp.py
 
 clean:
 	rm -rf $(VENV) runs mlflow.db .pytest_cache

@@ -11,3 +11,5 @@ timeout 240 python3 benchmarks/throughput.py --device cuda --models DiT-S/2,DiT-
   --steps 20 --warmup 5 2>&1 | tail -20 | tee "$OUT/throughput.log"
 timeout 150 python3 benchmarks/method_overhead.py --device cuda --model DiT-S/2 --image-size 32 --batch 60 \
   --precision bf16 --rounds 5 --steps 20 --threads 8 2>&1 | tail -12 | tee "$OUT/method_overhead_cuda.log"
+timeout 150 python3 benchmarks/dmp.py --device cuda --model DiT-B/2 --batch 64 --precision bf16 --rounds 3 \
+  --steps 10 --threads 8 2>&1 | tail -8 | tee "$OUT/dmp_cuda.log"

@@ -12,8 +12,8 @@ its default parameter specs. A study selects spaces and narrows parameters::
 Spaces run in ``SPACES`` order and see the overrides drawn before them (``Draw.get``), so the
 conditional structure of the methods is written once: Nash's refresh period is drawn only for
 Nash, the curriculum is drawn only next to ANT-UW (``compose`` refuses PCGrad/Nash with it).
-Optuna parameter names are ``<space>.<param>``. A later method (MEME, DMP) adds one function
-and one entry in ``SPACES``.
+Optuna parameter names are ``<space>.<param>``. A method adds one function and one entry in
+``SPACES``.
 """
 from __future__ import annotations
 
@@ -243,10 +243,36 @@ def curriculum_space(d: Draw) -> None:
     d.set("methods.curriculum.ordering", d("ordering"))
 
 
-# name -> space function (drawn in this order); MEME / DMP add one entry each.
+@declare(enabled=_ON, mode=Choice(("add", "prompt_tuning", "fine_tuning")), depth=Choice((1.0,)),
+         topk=Choice((1.0, 0.5, 0.25)), lr=FloatRange(3e-5, 3e-3, log=True), gate_lr_scale=Choice((1.0, 10.0)),
+         importance_weight=Choice((0.0, 0.1, 1.0)), init=Choice(("zero",)))
+def dmp_space(d: Draw) -> None:
+    """DMP (Ham et al. 2025): patched depth (a fraction of the blocks), top-k ρ, prompt lr, gate lr
+    scale, λ_imp and init; ``mode`` puts the fine-tuning and prompt-tuning controls in the study.
+    Gate options are drawn only where a gate exists."""
+    if not d.enabled("dmp"):
+        return
+    mode = d("mode")
+    d.set("methods.dmp.mode", mode)
+    if mode == "fine_tuning":
+        return
+    from trainers.config import ModelConfig
+    from trainers.models.registry import block_count
+    model = d.get("model") or {}
+    blocks = block_count(ModelConfig(name=model.get("name", "DiT-T/2"), arch=model.get("arch") or {})) or 1
+    d.set("methods.dmp.depth", max(1, round(d("depth") * blocks)))
+    d.set("methods.dmp.lr", d("lr"))
+    d.set("methods.dmp.init", d("init"))
+    if mode == "add":
+        d.set("methods.dmp.topk", d("topk"))
+        d.set("methods.dmp.gate_lr_scale", d("gate_lr_scale"))
+        d.set("methods.dmp.importance_weight", d("importance_weight"))
+
+
+# name -> space function (drawn in this order); a method adds one function and one entry.
 SPACES: dict[str, Callable[[Draw], None]] = {
     "model": model_space, "optim": optim_space, "loss": loss_space,
-    "dtr": dtr_space, "ant": ant_space, "curriculum": curriculum_space,
+    "dtr": dtr_space, "ant": ant_space, "curriculum": curriculum_space, "dmp": dmp_space,
 }
 
 

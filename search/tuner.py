@@ -109,6 +109,9 @@ def prepare_study(study: StudyConfig, samples: int = 48) -> PreparedStudy:
     tracking_uri = resolve_tracking_uri(base["tracking"]["uri"])
     check_tracking(tracking_uri)
     base["tracking"]["uri"] = tracking_uri                       # trials write to the same store
+    if base.get("init_from"):              # the run every trial starts from (a DMP base) must exist now
+        from orchestrator.infra.checkpoints import resolve_checkpoint
+        resolve_checkpoint(base["init_from"], storage, base["storage"]["endpoint"], base["storage"]["region"])
     _check_fingerprint(study, base, storage)
     return PreparedStudy(study, base, space, storage, tracking_uri, storage.path("tune", study.name),
                          base["train"]["steps"], reports, grid)

@@ -21,6 +21,7 @@ from tests.helpers import ray_run_dict
 from tests.integration.conftest import list_keys
 from trainers.checkpoint import load_state
 from trainers.config import load_config
+from trainers.errors import CheckpointError
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -170,3 +171,57 @@ def test_review_against_mlflow_server(local_ray, s3, mlflow_server, tmp_path, ca
     assert "review-server" in printed and "loss.png" in printed
     _check_png(str(tmp_path / "plots" / "loss.png"))
     assert any(k.endswith("review/loss.png") for k in list_keys(s3, "mlflow-artifacts/"))
+
+
+def test_dmp_patch_of_a_run_on_two_workers_samples_evaluates_and_reviews(eval_run, tmp_path, capsys):
+    """DMP end to end: a 2-worker Ray Train patch of ``eval-run`` (frozen backbone, prompts and gate
+    trained), checkpoints referencing the base by URI + SHA-256, then sample, evaluate and review
+    through the CLI; a changed base is refused by every reader; a schedule mismatch before Ray."""
+    import hashlib
+    runs, uri = eval_run["runs"], eval_run["uri"]
+    base_file = os.path.join(runs, "eval-run", "step_00000020", "state.pt")
+    patch = ray_run_dict(name="eval-dmp", init_from="eval-run", methods={"dmp": {"lr": 1e-2}},
+                         train={"steps": 6, "checkpoint_every": 3, "log_every": 3}, scaling={"num_workers": 2},
+                         storage={"path": runs}, tracking={"uri": uri, "experiment": "eval"})
+    out = run_training(TrainRequest(load_config(patch), quiet=True))
+    client = MlflowClient(uri)
+    run = client.get_run(out.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["plan.backbone"] == "frozen"
+    assert int(run.data.params["cost.added_params"]) > 0
+    assert int(run.data.params["cost.trainable_params"]) == int(run.data.params["cost.added_params"])
+    assert client.get_metric_history(out.run_id, "dmp/importance_cv2")
+    artifacts = {a.path for a in client.list_artifacts(out.run_id, "summaries")} | \
+        {a.path for a in client.list_artifacts(out.run_id, "plots")}
+    assert {"summaries/dmp_gate_usage.json", "plots/dmp_gate_usage.png"} <= artifacts
+    ckpt = load_state(os.path.join(runs, "eval-dmp", "step_00000006"))
+    assert set(ckpt["model"]) == {"adapters.dmp.prompts", "adapters.dmp.gate.weight", "adapters.dmp.gate.bias",
+                                  "adapters.dmp.noise.weight"}                   # no copy of the backbone
+    with open(base_file, "rb") as fh:
+        assert ckpt["base"]["sha256"] == hashlib.sha256(fh.read()).hexdigest()
+    assert ckpt["base"]["uri"] == base_file
+
+    assert main(["sample", "eval-dmp", "--n", "8", "--steps", "2", "--storage", runs,
+                 "--out", str(tmp_path / "grid.png")]) == 0
+    with Image.open(tmp_path / "grid.png") as im:
+        assert np.asarray(im).std() > 0
+    assert main(["evaluate", "eval-dmp", "--n", "40", "--steps", "2", "--local", "--storage", runs, "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["mlflow_run_id"] == out.run_id and record["metrics"]["fd_digits"] > 0
+    assert main(["review", "--tracking-uri", uri, "--compare", "eval-dmp", "--out", str(tmp_path / "plots"),
+                 "--no-log"]) == 0
+    _check_png(str(tmp_path / "plots" / "dmp_gate_usage.png"))
+
+    original = open(base_file, "rb").read()
+    try:
+        with open(base_file, "ab") as fh:
+            fh.write(b"\0")                                   # the base changed after it was patched
+        capsys.readouterr()
+        assert main(["sample", "eval-dmp", "--n", "4", "--steps", "2", "--storage", runs,
+                     "--out", str(tmp_path / "g2.png")]) == 2
+        assert "has changed since the patch was trained" in capsys.readouterr().err
+    finally:
+        with open(base_file, "wb") as fh:
+            fh.write(original)
+    bad = load_config({**patch, "name": "eval-dmp-cosine", "diffusion": {"steps": 100, "schedule": "cosine"}})
+    with pytest.raises(CheckpointError, match="diffusion.schedule: the base checkpoint .* 'linear', this run has 'cosine'"):
+        run_training(TrainRequest(bad, quiet=True))

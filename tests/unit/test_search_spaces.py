@@ -164,3 +164,21 @@ def test_unknown_parameter_paths_fail_before_any_trial():
     with pytest.raises(StudyError, match=r"^space: the draw \{.*\} is not a valid run: .*clusters") as info:
         validate_space(fn, samples=4)
     assert "\n" not in str(info.value)
+
+
+def test_dmp_space_draws_the_controls_and_gate_options_only_with_a_gate():
+    study = study_from_dict(_study({"dmp": {"depth": {"choices": [0.25, 1.0]}}}, base={**ray_run_dict()}))
+    fn = SpaceFunction(resolve_space(study.space), base_run_dict(study))
+    ot = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    modes, depths = set(), set()
+    for _ in range(60):
+        overrides = fn(ot.ask())["overrides"]
+        check_run_config(fn.base, overrides)
+        mode = overrides["methods.dmp.mode"]
+        modes.add(mode)
+        if mode == "fine_tuning":
+            assert set(overrides) == {"methods.dmp.mode"}
+            continue
+        depths.add(overrides["methods.dmp.depth"])                      # fractions of DiT-N's 4 blocks
+        assert ("methods.dmp.topk" in overrides) == (mode == "add")
+    assert modes == {"add", "prompt_tuning", "fine_tuning"} and depths == {1, 4}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch.nn as nn
 
@@ -19,7 +19,7 @@ from trainers.configlib import from_dict
 from trainers.errors import ConfigError
 from trainers.models.dit import SIZES, DiT, DiTOptions, DiTSpec
 
-__all__ = ["Geometry", "ModelFamily", "FAMILIES", "register_family", "family_of", "model_options",
+__all__ = ["Geometry", "ModelFamily", "FAMILIES", "register_family", "family_of", "block_count", "model_options",
            "model_spec", "build_model", "spec_to_dict", "spec_from_dict", "known_models"]
 
 
@@ -40,6 +40,7 @@ class ModelFamily:
     resolve: Callable[[re.Match, Any, Geometry], Any]   # (name match, options, geometry) -> spec
     build: Callable[[Any], nn.Module]
     spec_type: type
+    depth: Optional[Callable[[re.Match, Any], int]] = None   # blocks of a token backbone, if it has them
 
 
 FAMILIES: dict[str, ModelFamily] = {}
@@ -60,6 +61,12 @@ def family_of(name: str) -> tuple[ModelFamily, re.Match]:
         if match:
             return family, match
     raise ConfigError(f"model.name: {name!r} is not a known model; use {known_models()} (e.g. DiT-T/2)")
+
+
+def block_count(model_cfg) -> Optional[int]:
+    """Number of transformer blocks the model config builds (None for families without them)."""
+    family, match = family_of(model_cfg.name)
+    return None if family.depth is None else family.depth(match, model_options(model_cfg.name, model_cfg.arch))
 
 
 def model_options(name: str, arch: dict) -> Any:
@@ -116,4 +123,5 @@ def _dit_spec(match: re.Match, opt: DiTOptions, geo: Geometry) -> DiTSpec:
 register_family(ModelFamily(
     name="DiT", pattern=re.compile(r"^DiT-(N|T|S|B|L|XL)/(2|4|8)$"),
     usage=f"DiT-<size>/<patch> with size in {', '.join(SIZES)} and patch in 2, 4, 8",
-    options=DiTOptions, resolve=_dit_spec, build=DiT, spec_type=DiTSpec))
+    options=DiTOptions, resolve=_dit_spec, build=DiT, spec_type=DiTSpec,
+    depth=lambda match, opt: opt.depth or SIZES[match.group(1)][1]))
