@@ -38,7 +38,10 @@ def adapter_weights(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0][:200]
+    """The informative part of a load_state_dict error (its first line is only a header)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0] if lines else ""
+    return detail[:200]
 
 
 def load_backbone(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from orchestrator.infra.checkpoints import CheckpointRef, read_checkpoint, resolve_checkpoint
+from orchestrator.infra.checkpoints import CheckpointRef, complete_state, read_checkpoint, resolve_checkpoint
 from orchestrator.infra.data_io import read_dataset
 from orchestrator.jobs.sampling import SampleSpec, sample_images
 from orchestrator.infra.storage import Storage, open_storage
@@ -256,6 +256,7 @@ class AsyncEvaluator:
         cpus, gpu, device, threads = self._resources(final=step >= self.cfg.train.steps)
         task = ray.remote(_eval_task).options(num_cpus=cpus, num_gpus=gpu, scheduling_strategy="DEFAULT",
                                               max_retries=1)
+        state = complete_state(state, self.cfg.storage.endpoint, self.cfg.storage.region)   # a patch: + its base
         ref = ray.put(slim_state(state, use_ema=True))                        # RAY: EMA snapshot now
         future = task.remote(ref, self.cfg.eval.n, EVAL_SEED, self.cfg.eval.steps, self.inception, device, threads)
         self.pending[future] = (step, checkpoint_uri)

@@ -182,6 +182,7 @@ def test_dmp_patch_of_a_run_on_two_workers_samples_evaluates_and_reviews(eval_ru
     base_file = os.path.join(runs, "eval-run", "step_00000020", "state.pt")
     patch = ray_run_dict(name="eval-dmp", init_from="eval-run", methods={"dmp": {"lr": 1e-2}},
                          train={"steps": 6, "checkpoint_every": 3, "log_every": 3}, scaling={"num_workers": 2},
+                         eval={"n": 32, "steps": 2},
                          storage={"path": runs}, tracking={"uri": uri, "experiment": "eval"})
     out = run_training(TrainRequest(load_config(patch), quiet=True))
     client = MlflowClient(uri)
@@ -189,6 +190,8 @@ def test_dmp_patch_of_a_run_on_two_workers_samples_evaluates_and_reviews(eval_ru
     assert run.info.status == "FINISHED" and run.data.params["plan.backbone"] == "frozen"
     assert int(run.data.params["cost.added_params"]) > 0
     assert int(run.data.params["cost.trainable_params"]) == int(run.data.params["cost.added_params"])
+    assert out.metrics["fd_digits"] > 0                     # in-training evaluation of the patch (with its base)
+    assert not [k for k in run.data.tags if k.startswith("eval.error")]
     assert client.get_metric_history(out.run_id, "dmp/importance_cv2")
     artifacts = {a.path for a in client.list_artifacts(out.run_id, "summaries")} | \
         {a.path for a in client.list_artifacts(out.run_id, "plots")}
