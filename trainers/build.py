@@ -21,7 +21,7 @@ from trainers.models import build_model, model_spec, spec_to_dict
 from trainers.weights import load_backbone
 
 __all__ = ["resolve_run_intervals", "build_diffusion", "build_network", "build_context", "load_affinity",
-           "build_all", "network_from_state"]
+           "build_all", "network_from_state", "expert_set_from_state"]
 
 
 def load_affinity(path: str) -> np.ndarray:
@@ -115,3 +115,29 @@ def network_from_state(state: dict, use_ema: bool = True, base: Optional[dict] =
     check_compatible(state, built)
     load_run_weights(model, state["ema"] if use_ema else state["model"], frozen, "checkpoint")
     return model.to(device).eval(), build_diffusion(cfg), cfg, spec
+
+
+def expert_set_from_state(state: dict, device: str | torch.device = "cpu"):
+    """(router, diffusion, cfg, spec) for an expert-set state (``kind: expert_set``): every expert
+    rebuilt from its own checkpoint, hard-routed by the set's intervals (MEME)."""
+    import functools
+    from trainers.config import load_config
+    from trainers.methods.meme import ExpertRouter
+    cfg = load_config(state["config"])
+    specs = [s["model_spec"] for s in state["experts"]]
+    keys = ("image_size", "channels", "num_classes", "learn_sigma")
+    for n, spec in enumerate(specs[1:], start=1):
+        if any(spec[k] != specs[0][k] for k in keys):
+            raise CheckpointError(f"expert set {state.get('name', '?')}: expert {n} has geometry "
+                                  f"{[spec[k] for k in keys]}, expert 0 {[specs[0][k] for k in keys]}; the experts "
+                                  f"of a set must share data geometry and learn_sigma")
+    for n, expert in enumerate(state["experts"]):
+        theirs = load_config(expert["config"]).diffusion
+        if theirs != cfg.diffusion:
+            raise CheckpointError(f"expert set {state.get('name', '?')}: expert {n} was trained with {theirs}, the "
+                                  f"set has {cfg.diffusion}; the experts of a set share one diffusion process")
+    load = lambda s: network_from_state(s, device=device)[0]           # noqa: E731
+    lazy = bool(cfg.methods.meme is not None and cfg.methods.meme.lazy)
+    experts = [functools.partial(load, s) for s in state["experts"]] if lazy else [load(s) for s in state["experts"]]
+    router = ExpertRouter(Intervals.from_list(state["intervals"]), experts, lazy=lazy)
+    return router.eval(), build_diffusion(cfg), cfg, specs[0]

@@ -8,3 +8,4 @@ from trainers.methods import dtr  # noqa: F401
 from trainers.methods import ant  # noqa: F401
 from trainers.methods import curriculum  # noqa: F401
 from trainers.methods import dmp  # noqa: F401
+from trainers.methods import meme  # noqa: F401

@@ -125,3 +125,5 @@ register_family(ModelFamily(
     usage=f"DiT-<size>/<patch> with size in {', '.join(SIZES)} and patch in 2, 4, 8",
     options=DiTOptions, resolve=_dit_spec, build=DiT, spec_type=DiTSpec,
     depth=lambda match, opt: opt.depth or SIZES[match.group(1)][1]))
+
+from trainers.models import unet as _unet  # noqa: E402,F401 - registers the U-Net family (MEME experts)
