@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils import flop_counter
 
-__all__ = ["ModelCost", "count_forward", "model_cost", "run_cost"]
+__all__ = ["ModelCost", "count_forward", "model_cost", "run_cost", "expert_set_cost"]
 
 
 def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -99,3 +99,36 @@ def run_cost(cfg, *, channels: int, image_size: int, num_classes: int, device: O
             freeze_backbone(model)
         return model
     return model_cost(build, (channels, image_size, image_size), num_classes, device)
+
+
+def expert_set_cost(cfg, *, channels: int, image_size: int, num_classes: int,
+                    device: Optional[str] = None) -> dict:
+    """A MEME set's cost: each expert, the set, and one sampling pass (``sample.steps`` respaced
+    steps, each routed to one expert) against the single model ``methods.meme.baseline``."""
+    import dataclasses
+    from trainers.build import build_diffusion, resolve_run_intervals
+    from trainers.methods.meme import expert_configs
+    experts = expert_configs(cfg)
+    intervals, _ = resolve_run_intervals(experts[0])
+    timesteps = build_diffusion(cfg).respaced(cfg.sample.steps).timestep_map
+    routed = torch.bincount(intervals.task_id(timesteps), minlength=intervals.num_intervals).tolist()
+    rows = []
+    for n, (expert, (lo, hi)) in enumerate(zip(experts, intervals.pairs())):
+        cost = run_cost(expert, channels=channels, image_size=image_size, num_classes=num_classes, device=device)
+        rows.append({"index": n, "interval": [lo, hi], "model": expert.model.name, "params": cost.params,
+                     "macs": cost.macs, "sampling_steps": routed[n]})
+    steps = sum(routed)
+    out = {"experts": rows, "total_params": sum(r["params"] for r in rows), "sampling_steps": steps,
+           "routed_macs_per_pass": sum(r["macs"] * r["sampling_steps"] for r in rows),
+           "mean_params_per_step": sum(r["params"] * r["sampling_steps"] for r in rows) / steps,
+           "baseline": None, "convention": "1 MAC = 2 FLOPs; one forward pass per image and step"}
+    baseline = cfg.methods.meme.baseline
+    if baseline:
+        single = cfg.replace(model=dataclasses.replace(cfg.model, name=baseline, arch={}))
+        single = single.replace(methods=type(cfg.methods)({k: v for k, v in cfg.methods.items() if k != "meme"}))
+        cost = run_cost(single, channels=channels, image_size=image_size, num_classes=num_classes, device=device)
+        out["baseline"] = {"model": baseline, "params": cost.params, "macs": cost.macs,
+                           "macs_per_pass": cost.macs * steps,
+                           "params_ratio": cost.params / out["mean_params_per_step"],
+                           "macs_ratio": cost.macs * steps / out["routed_macs_per_pass"]}
+    return out

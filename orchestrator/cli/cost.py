@@ -13,7 +13,7 @@ import re
 from orchestrator.cli.common import add_config_args
 from trainers.errors import ConfigError
 
-__all__ = ["register", "geometry_for", "cost_table"]
+__all__ = ["register", "geometry_for", "cost_table", "set_table"]
 
 
 def register(sub) -> None:
@@ -66,11 +66,33 @@ def cost_table(cfg, cost, classes: int) -> str:
     return "\n".join(f"{k:<12} {v}" for k, v in rows)
 
 
+def set_table(cfg, result: dict) -> str:
+    lines = [f"expert set {cfg.name}: {len(result['experts'])} experts, {result['total_params']:,} params in all"]
+    for e in result["experts"]:
+        lo, hi = e["interval"]
+        lines.append(f"  expert {e['index']}  t in {f'[{lo}, {hi})':<12} {e['model']:<9} {e['params']:>12,} params  "
+                     f"{_si(e['macs'])} MACs/image  {e['sampling_steps']} of {result['sampling_steps']} sampling steps")
+    lines.append(f"sampling     {result['sampling_steps']} steps ({cfg.sample.sampler}): "
+                 f"{_si(result['routed_macs_per_pass'])} MACs per image routed; "
+                 f"{result['mean_params_per_step']:,.0f} params per step on average")
+    b = result["baseline"]
+    if b:
+        lines.append(f"baseline     {b['model']}: {b['params']:,} params, {_si(b['macs_per_pass'])} MACs per image "
+                     f"-> the set uses {b['params_ratio']:.2f}x fewer params per step, {b['macs_ratio']:.2f}x fewer MACs")
+    lines.append("convention   1 MAC = 2 FLOPs; one forward pass per image and sampling step; counted on meta")
+    return "\n".join(lines)
+
+
 def _cmd_cost(args) -> int:
     from orchestrator.infra.config_io import load_run_config
     from trainers.cost import run_cost
     cfg = load_run_config(args.config, args.overrides)
     channels, size, classes = geometry_for(cfg, args.input, args.classes)
+    if cfg.methods.meme is not None and cfg.methods.meme.expert is None:          # a MEME expert set
+        from trainers.cost import expert_set_cost
+        result = expert_set_cost(cfg, channels=channels, image_size=size, num_classes=classes, device=args.device)
+        print(json.dumps({"set": cfg.name, "classes": classes, **result}) if args.json else set_table(cfg, result))
+        return 0
     cost = run_cost(cfg, channels=channels, image_size=size, num_classes=classes, device=args.device)
     if args.json:
         print(json.dumps({"model": cfg.model.name, "methods": cfg.methods.enabled(), "classes": classes,

@@ -20,8 +20,9 @@ ENTRY_POINT_GROUP = "denoiselab.commands"
 
 
 def _builtin() -> list[Callable]:
-    from orchestrator.cli import cost, data, intervals, review, samples, train
-    return [train.register, data.register, samples.register, review.register, intervals.register, cost.register]
+    from orchestrator.cli import cost, data, experts, intervals, review, samples, train
+    return [train.register, experts.register, data.register, samples.register, review.register, intervals.register,
+            cost.register]
 
 
 def _contributed() -> list[Callable]:

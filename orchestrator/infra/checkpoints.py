@@ -9,6 +9,7 @@ sampling, evaluation and every other reader see an ordinary checkpoint.
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 from dataclasses import dataclass
 from typing import Optional
@@ -19,7 +20,9 @@ from trainers.errors import CheckpointError
 from trainers.weights import backbone_weights
 
 __all__ = ["CheckpointRef", "resolve_checkpoint", "latest_step", "read_checkpoint", "read_base", "base_reference",
-           "complete_state", "sha256"]
+           "complete_state", "sha256", "EXPERT_SET_MANIFEST", "read_expert_set"]
+
+EXPERT_SET_MANIFEST = ("denoiselab", "experts.json")     # <storage>/<set>/denoiselab/experts.json (MEME)
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,9 @@ def latest_step(storage: Storage, run_name: str) -> Optional[str]:
 
 def resolve_checkpoint(ref: str, runs: Storage, endpoint: Optional[str] = None,
                        region: Optional[str] = None) -> CheckpointRef:
-    """``ref`` = run name in ``runs`` | checkpoint dir | state.pt path (local or s3://)."""
+    """``ref`` = run name in ``runs`` | an expert set's name | checkpoint dir | state.pt path (local or s3://)."""
+    if "/" not in ref and runs.exists(ref, *EXPERT_SET_MANIFEST):
+        return CheckpointRef(runs, (ref, *EXPERT_SET_MANIFEST))
     if "/" not in ref and runs.exists(ref):
         step = latest_step(runs, ref)
         if step is None:
@@ -100,6 +105,28 @@ def complete_state(state: dict, endpoint: Optional[str] = None, region: Optional
 
 
 def read_checkpoint(ref: CheckpointRef, complete: bool = True) -> dict:
-    """The checkpoint at ``ref``; a patch comes back completed with its (verified) base."""
+    """The checkpoint at ``ref``; a patch comes back completed with its (verified) base, an
+    expert set as one state holding every expert (``kind: expert_set``)."""
+    if ref.parts[-len(EXPERT_SET_MANIFEST):] == EXPERT_SET_MANIFEST:
+        return read_expert_set(ref)
     state = state_from_bytes(ref.storage.read_bytes(*ref.parts), ref.uri)
     return complete_state(state, ref.storage.endpoint) if complete else state
+
+
+def read_expert_set(ref: CheckpointRef) -> dict:
+    """Every expert of a MEME set (each checkpoint verified against the manifest's SHA-256),
+    reduced to what sampling needs, plus the set's config and intervals."""
+    manifest = json.loads(ref.storage.read_bytes(*ref.parts))
+    experts = []
+    for entry in manifest["experts"]:
+        parent, name = posixpath.split(entry["checkpoint"])
+        data = open_storage(parent, ref.storage.endpoint).read_bytes(name)
+        if sha256(data) != entry["sha256"]:
+            raise CheckpointError(f"expert set {manifest['name']}: the checkpoint of expert {entry['index']} "
+                                  f"({entry['checkpoint']}) has changed since the set was written; re-run "
+                                  f"`denoiselab experts` to write a new manifest")
+        state = complete_state(state_from_bytes(data, entry["checkpoint"]), ref.storage.endpoint)
+        experts.append({k: state[k] for k in ("config", "model_spec", "intervals", "step", "ema")})
+    return {"kind": "expert_set", "name": manifest["name"], "config": manifest["config"],
+            "intervals": manifest["intervals"], "experts": experts, "model_spec": experts[0]["model_spec"],
+            "step": max(int(e["step"]) for e in experts), "manifest": manifest}

@@ -189,7 +189,7 @@ def evaluate_checkpoint(ref: str, *, n: int, seed: int = EVAL_SEED, steps: Optio
     record = evaluate_state(state, n, seed=seed, steps=steps, inception=inception, workers=workers,
                             local=local, use_ema=use_ema, device=device)
     run_parts, run_name = _run_parts(cref)
-    record.checkpoint = posixpath.dirname(cref.uri)
+    record.checkpoint = cref.uri if cref.parts[-1] == "experts.json" else posixpath.dirname(cref.uri)
     from mlflow.tracking import MlflowClient
     missing = uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///"))
     run_id = None if missing else find_run(uri, run_name)          # never create an empty store

@@ -30,7 +30,7 @@ import torch
 
 from orchestrator.infra.data_io import write_dataset
 from orchestrator.infra.storage import open_storage
-from trainers.build import network_from_state
+from trainers.build import expert_set_from_state, network_from_state
 from trainers.config import RunConfig, load_config
 from trainers.data import ArrayDataset
 from trainers.diffusion import sample
@@ -46,13 +46,17 @@ GRID_MAX = 100
 
 
 def model_from_state(state: dict, use_ema: bool = True, device: str = "cpu"):
-    """(network, diffusion, cfg, spec) rebuilt from a checkpoint state."""
+    """(network, diffusion, cfg, spec) rebuilt from a checkpoint state (an expert set: its router)."""
+    if state.get("kind") == "expert_set":
+        return expert_set_from_state(state, device=device)
     return network_from_state(state, use_ema=use_ema, device=device)
 
 
 def slim_state(state: dict, use_ema: bool = True) -> dict:
     """Only what sampling needs (one set of CPU weights, config, spec, intervals): what goes to
-    workers, which may have no GPU even when training had one."""
+    workers, which may have no GPU even when training had one. An expert set is already slim."""
+    if state.get("kind") == "expert_set":
+        return {k: v for k, v in state.items() if k != "manifest"}
     weights = {k: v.detach().cpu() for k, v in (state["ema"] if use_ema else state["model"]).items()}
     return {"config": state["config"], "model_spec": state["model_spec"], "intervals": state["intervals"],
             "step": state.get("step", 0), "ema": weights, "model": weights}

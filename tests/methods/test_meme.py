@@ -105,7 +105,7 @@ def test_probability_schedules() -> None:
 def test_expert_set_expansion_with_ramp_and_identical_control() -> None:
     base = tiny_config({"meme": {"ramp": {"r0": 1.0, "gamma_t": 0.5, "gamma_d": 0.5}}}, name="set",
                        model={"name": "UNet-N"}, intervals={"count": 3})
-    experts = expert_configs(base, lambda name, arch: 2)
+    experts = expert_configs(base)
     assert [e.name for e in experts] == ["set-expert0", "set-expert1", "set-expert2"]
     assert [e.methods.meme.expert for e in experts] == [0, 1, 2]
     assert [e.model.arch["high"] for e in experts] == [list(ramp_high(RampConfig(1.0, 0.5, 0.5), n, 2))
@@ -113,13 +113,15 @@ def test_expert_set_expansion_with_ramp_and_identical_control() -> None:
     assert experts[0].model.arch["high"] == [0.5, pytest.approx(1 / 3, abs=1e-6)]     # r/(1+r): 1 and 0.5
     assert experts[0].model.arch["high"][0] > experts[2].model.arch["high"][0]        # low t: more conv
     same = expert_configs(base.replace(methods=load_config(
-        {"methods": {"meme": {"identical": True, "ramp": {"r0": 1.0}}}}).methods), lambda n, a: 2)
+        {"methods": {"meme": {"identical": True, "ramp": {"r0": 1.0}}}}).methods))
     assert all(e.model == base.model for e in same)
     mixed = tiny_config({"meme": {"experts": [{"name": "UNet-N"}, {"name": "DiT-N/2"}]}}, name="mix",
                         intervals={"count": 2})
-    assert [e.model.name for e in expert_configs(mixed, lambda n, a: 2)] == ["UNet-N", "DiT-N/2"]
+    assert [e.model.name for e in expert_configs(mixed)] == ["UNet-N", "DiT-N/2"]
     with pytest.raises(ConfigError, match="methods.meme.experts: 2 entries for intervals.count=4"):
-        expert_configs(mixed.replace(intervals=load_config({}).intervals.__class__(count=4)), lambda n, a: 2)
+        expert_configs(mixed.replace(intervals=load_config({"intervals": {"count": 4}}).intervals))
+    with pytest.raises(ConfigError, match="methods.meme.ramp: sets the mixer ratios of U-Net experts; DiT-N/2"):
+        expert_configs(tiny_config({"meme": {"ramp": {}}}, name="dit"))
     with pytest.raises(ConfigError, match="methods.meme.expert: this config describes a whole expert set"):
         build_all(base, image_size=8, channels=1, num_classes=10)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -135,10 +135,11 @@ def _build(cfg: MemeConfig, ctx: BuildContext) -> Contribution:
                                                     cfg.outside))
 
 
-def expert_configs(cfg, stages_of: Callable[[str, dict], int]) -> list:
+def expert_configs(cfg) -> list:
     """The N run configs of an expert-set config: expert n gets its model (the ``experts`` list,
     the ramp's mixer ratios, or the run's model) and ``methods.meme.expert = n``; names
-    ``<set>-expert<n>``. ``stages_of(name, arch)`` counts a U-Net's stages."""
+    ``<set>-expert<n>``."""
+    from trainers.models.registry import stage_count
     meme: MemeConfig = cfg.methods.meme
     if meme is None:
         raise ConfigError("methods.meme: an expert set needs the meme method (methods: {meme: {...}})")
@@ -154,7 +155,10 @@ def expert_configs(cfg, stages_of: Callable[[str, dict], int]) -> list:
         if meme.experts is not None and not meme.identical:
             model = {**model, **meme.experts[n]}
         if meme.ramp is not None and not meme.identical:
-            stages = stages_of(model["name"], model.get("arch") or {})
+            stages = stage_count(model["name"], model.get("arch") or {})
+            if stages is None:
+                raise ConfigError(f"methods.meme.ramp: sets the mixer ratios of U-Net experts; {model['name']} has "
+                                  f"no mixers (use a UNet-<size> model, or list methods.meme.experts)")
             model["arch"] = {**(model.get("arch") or {}), "high": list(ramp_high(meme.ramp, n, stages))}
         data = cfg.to_dict()
         data.update(name=f"{cfg.name}-expert{n}", model=model)

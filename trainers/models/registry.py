@@ -19,7 +19,7 @@ from trainers.configlib import from_dict
 from trainers.errors import ConfigError
 from trainers.models.dit import SIZES, DiT, DiTOptions, DiTSpec
 
-__all__ = ["Geometry", "ModelFamily", "FAMILIES", "register_family", "family_of", "block_count", "model_options",
+__all__ = ["Geometry", "ModelFamily", "FAMILIES", "register_family", "family_of", "block_count", "stage_count", "model_options",
            "model_spec", "build_model", "spec_to_dict", "spec_from_dict", "known_models"]
 
 
@@ -41,6 +41,7 @@ class ModelFamily:
     build: Callable[[Any], nn.Module]
     spec_type: type
     depth: Optional[Callable[[re.Match, Any], int]] = None   # blocks of a token backbone, if it has them
+    stages: Optional[Callable[[re.Match, Any], int]] = None  # resolution stages with mixers (U-Nets)
 
 
 FAMILIES: dict[str, ModelFamily] = {}
@@ -67,6 +68,12 @@ def block_count(model_cfg) -> Optional[int]:
     """Number of transformer blocks the model config builds (None for families without them)."""
     family, match = family_of(model_cfg.name)
     return None if family.depth is None else family.depth(match, model_options(model_cfg.name, model_cfg.arch))
+
+
+def stage_count(name: str, arch: dict) -> Optional[int]:
+    """Resolution stages of a model whose blocks mix per stage (the U-Net family), else None."""
+    family, match = family_of(name)
+    return None if family.stages is None else family.stages(match, model_options(name, arch))
 
 
 def model_options(name: str, arch: dict) -> Any:

@@ -295,4 +295,5 @@ def _unet_spec(match: re.Match, opt: UNetOptions, geo: Geometry) -> UNetSpec:
 register_family(ModelFamily(
     name="UNet", pattern=re.compile(r"^UNet-(N|T|S|B)$"),
     usage=f"UNet-<size> with size in {', '.join(UNET_SIZES)}",
-    options=UNetOptions, resolve=_unet_spec, build=UNet, spec_type=UNetSpec))
+    options=UNetOptions, resolve=_unet_spec, build=UNet, spec_type=UNetSpec,
+    stages=lambda match, opt: len(opt.channel_mult or UNET_SIZES[match.group(1)][1])))
