@@ -10,6 +10,8 @@ orchestrator's training driver (docs/platform.md, "Ray Tune, Optuna and ASHA").
   trial ends by reporting the run's final metrics once more (evaluation metrics included).
 * The MLflow run is a child of the study's parent run (tag ``mlflow.parentRunId``); the parent
   run and the experiment are created once on the Tune driver before any trial starts.
+* A MEME expert-set config makes a trial of its own kind: the whole set trains (one Ray Train
+  run per expert, concurrently), then the routed set is evaluated and reported once.
 """
 from __future__ import annotations
 
@@ -30,6 +32,22 @@ def trial_run_name(study: str, trial_id: str) -> str:
     return f"{study}-{trial_id}"
 
 
+def _expert_set_trial(cfg, context: TrialContext) -> dict[str, float]:
+    """A MEME set as one trial: its experts train as concurrent Ray Train runs (children of the
+    set's MLflow run, itself a child of the study's), then the routed set is evaluated
+    (``eval.n`` samples); the result carries the evaluation metrics and the full budget's step."""
+    from orchestrator.jobs.evaluation import evaluate_checkpoint
+    from orchestrator.jobs.experts import ExpertsRequest, run_experts
+    out = run_experts(ExpertsRequest(cfg, parent_run_id=context.parent_run_id, quiet=True))
+    metrics = {"step": float(cfg.train.steps)}
+    if cfg.eval.n > 0:
+        record, _, _ = evaluate_checkpoint(cfg.name, n=cfg.eval.n, steps=cfg.eval.steps, local=True,
+                                           storage=cfg.storage.path, endpoint=cfg.storage.endpoint,
+                                           tracking_uri=out.tracking_uri)
+        metrics.update(record.metrics)
+    return metrics
+
+
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     """Tune function trainable (runs in a Tune actor, with Ray already connected)."""
     import ray.tune                                                          # RAY
@@ -39,6 +57,9 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     trial_id = ray.tune.get_context().get_trial_id()                         # RAY
     overrides = {**config["overrides"], "name": trial_run_name(context.study, trial_id)}
     cfg = load_config(context.base, overrides)
+    if cfg.methods.meme is not None and cfg.methods.meme.expert is None:
+        ray.tune.report(_expert_set_trial(cfg, context))                     # RAY: one result, at the end
+        return
     outcome = run_training(TrainRequest(cfg, parent_run_id=context.parent_run_id, quiet=True,
                                         train_callbacks=(TuneReportCallback(),)))  # RAY: Train -> Tune results
     final = {k: float(v) for k, v in outcome.metrics.items()

@@ -269,10 +269,49 @@ def dmp_space(d: Draw) -> None:
         d.set("methods.dmp.importance_weight", d("importance_weight"))
 
 
+@declare(enabled=_ON, count=IntRange(2, 6), rule=Choice(("uniform", "log-snr")),
+         soft=Choice(("hard", "constant", "decreasing")), p=FloatRange(0.5, 1.0), decay=FloatRange(0.3, 0.9),
+         r0=FloatRange(0.25, 2.0, log=True), gamma_t=FloatRange(0.4, 1.0), gamma_d=FloatRange(0.4, 1.0),
+         width_mult=Choice((1.0,)), depth_mult=Choice((1.0,)), identical=Choice((False, True)))
+def meme_space(d: Draw) -> None:
+    """MEME (Lee et al. 2024): for a whole set the expert count, interval rule and soft schedule;
+    the experts' mixer ratios through the ramp (r0, γ_t, γ_d) or the identical-architecture
+    control; width/depth multipliers. With ``methods.meme.expert`` fixed (one interval's expert at
+    a time) only its architecture is drawn: the ramp's ratios for that expert, as its ``high``."""
+    if not d.enabled("meme"):
+        return
+    from trainers.methods.meme import RampConfig, ramp_high
+    from trainers.models.registry import stage_count
+    expert = d.get("methods.meme.expert")
+    if expert is None:
+        d.set("intervals.count", d("count"))
+        d.set("intervals.rule", d("rule"))
+        soft = d("soft")
+        d.set("methods.meme.soft", soft)
+        if soft in ("constant", "decreasing"):
+            d.set("methods.meme.p", d("p"))
+        if soft == "decreasing":
+            d.set("methods.meme.decay", d("decay"))
+    model = d.get("model") or {}
+    stages = stage_count(model.get("name", ""), model.get("arch") or {}) if model.get("name") else None
+    identical = d("identical") if expert is None else False
+    d.set("methods.meme.identical", identical)
+    if stages is None:
+        return                                            # not a U-Net: no mixers to shape
+    if not identical:
+        ramp = RampConfig(d("r0"), d("gamma_t"), d("gamma_d"))
+        if expert is None:
+            d.set("methods.meme.ramp", {"r0": ramp.r0, "gamma_t": ramp.gamma_t, "gamma_d": ramp.gamma_d})
+        else:
+            d.set("model.arch.high", list(ramp_high(ramp, expert, stages)))
+    d.set("model.arch.width_mult", d("width_mult"))
+    d.set("model.arch.depth_mult", d("depth_mult"))
+
+
 # name -> space function (drawn in this order); a method adds one function and one entry.
 SPACES: dict[str, Callable[[Draw], None]] = {
     "model": model_space, "optim": optim_space, "loss": loss_space,
-    "dtr": dtr_space, "ant": ant_space, "curriculum": curriculum_space, "dmp": dmp_space,
+    "dtr": dtr_space, "ant": ant_space, "curriculum": curriculum_space, "dmp": dmp_space, "meme": meme_space,
 }
 
 
@@ -326,11 +365,22 @@ def grid_of(specs: dict[str, dict[str, Spec]], drawn: Optional[set[str]] = None)
 
 
 def check_run_config(base: dict, overrides: Mapping[str, Any]):
-    """The checks the driver makes before a worker starts: strict load, intervals, method plan."""
-    from trainers.build import build_context, resolve_run_intervals
+    """The checks the driver makes before a worker starts: strict load, intervals, method plan
+    (for a MEME expert set: of every expert)."""
     from trainers.config import load_config
-    from trainers.methods import compose, resolve_intervals
     cfg = load_config(base, dict(overrides))
+    if cfg.methods.meme is not None and cfg.methods.meme.expert is None:
+        from trainers.methods.meme import expert_configs
+        for expert in expert_configs(cfg.replace(name=cfg.name or "trial")):
+            _check_plan(expert)
+    else:
+        _check_plan(cfg)
+    return cfg
+
+
+def _check_plan(cfg) -> None:
+    from trainers.build import build_context, resolve_run_intervals
+    from trainers.methods import compose, resolve_intervals
     icfg = cfg.intervals
     key = (icfg.rule, icfg.count, icfg.min_width, icfg.pairs, cfg.diffusion.schedule, cfg.diffusion.steps)
     if key not in _INTERVALS:                 # the DP takes ~50 ms at T=1000: once per partition
@@ -339,7 +389,6 @@ def check_run_config(base: dict, overrides: Mapping[str, Any]):
         else:
             _INTERVALS[key] = resolve_run_intervals(cfg)[0]
     compose(cfg.methods, build_context(cfg, _INTERVALS[key], cfg.scaling.num_workers))
-    return cfg
 
 
 _INTERVALS: dict = {}

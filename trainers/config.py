@@ -63,10 +63,15 @@ class DataConfig:
     seed: int = 0
     flip: bool = False             # random horizontal flip
     conditional: bool = True       # use class labels when the dataset has them
+    holdout: float = 0.0           # built-in sets: share kept out of training for held-out losses
 
     def __post_init__(self) -> None:
         if self.name == "parquet" and not self.path:
             raise ConfigError("data.path: required when data.name is parquet (a directory or s3:// URI)")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ConfigError("data.holdout: must be in [0, 1) (a share of the set, e.g. 0.1)")
+        if self.holdout > 0 and self.name == "parquet":
+            raise ConfigError("data.holdout: only for the built-in sets; hold out a Parquet set when you prepare it")
         if self.image_size < 4:
             raise ConfigError("data.image_size: must be at least 4")
 

@@ -23,7 +23,7 @@ import torch
 from trainers.errors import ConfigError, DataError
 
 __all__ = ["ArrayDataset", "load_digits", "make_shapes", "StepBatches", "BatchSource",
-           "builtin_dataset", "builtin_geometry", "SHAPE_NAMES"]
+           "builtin_dataset", "builtin_geometry", "training_batches", "SHAPE_NAMES"]
 
 SHAPE_NAMES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 
@@ -151,6 +151,7 @@ class StepBatches:
             raise ConfigError(f"train.batch_size: {global_batch} not divisible by {world_size} workers")
         self.data, self.global_batch, self.rank, self.world_size = data, global_batch, rank, world_size
         self.seed, self.flip = seed, flip
+        self.heldout: Optional[ArrayDataset] = None        # see training_batches
         self.local_batch = global_batch // world_size
         self.per_epoch = max(1, len(data) // global_batch)
         self._perm_epoch, self._perm = -1, None
@@ -179,6 +180,20 @@ class StepBatches:
             x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
         y = None if self.data.labels is None else self.data.labels[idx]
         return x0, y
+
+
+def training_batches(cfg, rank: int = 0, world_size: int = 1) -> "StepBatches":
+    """The batches of a run on a built-in set; with ``data.holdout`` the held-out share is kept
+    out of training and attached as ``batches.heldout`` (at most 512 images)."""
+    data = builtin_dataset(cfg.data)
+    heldout = None
+    if cfg.data.holdout > 0:
+        data, heldout = data.split(cfg.data.holdout, seed=cfg.data.seed)
+        heldout = ArrayDataset(heldout.images[:512], None if heldout.labels is None else heldout.labels[:512],
+                               heldout.num_classes)
+    batches = StepBatches(data, cfg.train.batch_size, rank, world_size, cfg.train.seed, cfg.data.flip)
+    batches.heldout = heldout
+    return batches
 
 
 def builtin_geometry(cfg) -> tuple[int, int, int]:

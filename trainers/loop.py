@@ -20,6 +20,7 @@ from trainers.data import BatchSource
 from trainers.diffusion import sample
 from trainers.ema import EMA
 from trainers.errors import CheckpointError, ConfigError, TrainingDiverged
+from trainers.heldout import heldout_losses
 from trainers.images import make_grid, png_bytes
 from trainers.methods import Intervals, compose
 from trainers.reporting import Reporter
@@ -202,6 +203,11 @@ def train(cfg: RunConfig, runtime: Runtime, reporter: Reporter, batches: BatchSo
         if tc.sample_every and done % tc.sample_every == 0 and runtime.is_main:
             reporter.artifact(f"samples/step_{done:08d}.png", _grid_png(state, batches))
         if done % tc.checkpoint_every == 0 or done == tc.steps:
+            heldout = getattr(batches, "heldout", None)
+            if heldout is not None and runtime.is_main:
+                metrics.update(heldout_losses(state.ema.model, state.diffusion, state.intervals, heldout,
+                                              runtime.device))
+                reporter.log(done, {k: v for k, v in metrics.items() if k.startswith("heldout/")})
             reporter.checkpoint(done, make_state(state) if runtime.is_main else None, metrics)
             last_ckpt = done
     if runtime.is_main and cfg.sample.n > 0:

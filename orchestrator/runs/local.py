@@ -7,7 +7,7 @@ from pathlib import Path
 
 from trainers.checkpoint import load_state
 from trainers.config import RunConfig, run_name_for
-from trainers.data import StepBatches, builtin_dataset
+from trainers.data import training_batches
 from trainers.errors import ConfigError
 from trainers.loop import train
 from trainers.reporting import LocalReporter, ProgressLine, latest_checkpoint
@@ -26,7 +26,7 @@ def train_local(cfg: RunConfig) -> dict:
     resume = load_state(last) if last is not None else None
     if resume is not None:
         print(f"denoiselab: resuming {run_dir} from step {resume['step']}", file=sys.stderr)
-    batches = StepBatches(builtin_dataset(cfg.data), cfg.train.batch_size, seed=cfg.train.seed, flip=cfg.data.flip)
+    batches = training_batches(cfg)
     reporter = LocalReporter(run_dir, keep=cfg.train.keep_checkpoints, progress=ProgressLine(cfg.train.steps))
     summary = train(cfg, LocalRuntime(device), reporter, batches, resume=resume)
     print(f"run {run_dir}: step {summary['step']}, loss {summary['metrics'].get('loss', float('nan')):.4f}; "

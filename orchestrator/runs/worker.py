@@ -20,7 +20,7 @@ from orchestrator.runs.reporter import RayReporter
 from orchestrator.runs.runtime import ray_runtime
 from trainers.checkpoint import load_state, state_from_bytes
 from trainers.config import load_config
-from trainers.data import StepBatches, builtin_dataset
+from trainers.data import training_batches
 from trainers.loop import train
 from trainers.methods import Intervals
 from trainers.reporting import ProgressLine
@@ -61,6 +61,7 @@ class DataAudit:
     def __init__(self, inner, limit: int = 256):
         self.inner, self.limit, self.digests = inner, limit, []
         self.num_classes, self.image_size, self.channels = inner.num_classes, inner.image_size, inner.channels
+        self.heldout = getattr(inner, "heldout", None)
 
     def get(self, step: int):
         x0, y = self.inner.get(step)
@@ -78,7 +79,7 @@ def _batches(cfg, payload: dict, rank: int, world: int):
     if cfg.data.name == "parquet":
         import ray.train                                                  # RAY
         return RayDataBatches(ray.train.get_dataset_shard("train"), payload["data_meta"], cfg.local_batch_size)
-    return StepBatches(builtin_dataset(cfg.data), cfg.train.batch_size, rank, world, cfg.train.seed, cfg.data.flip)
+    return training_batches(cfg, rank, world)
 
 
 def _resume_state() -> Optional[dict]:

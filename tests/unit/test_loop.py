@@ -294,3 +294,23 @@ def test_sample_grid_png_artifacts(tmp_path: Path) -> None:
     assert (w, h) == (2 * (cell + 1) + 1, 2 * (cell + 1) + 1)
     assert len(raw) == h * (1 + 3 * w)
     assert len(set(raw)) > 3                              # real samples, not a blank grid
+
+
+def test_heldout_losses_are_scored_at_checkpoints_on_data_kept_out_of_training(tmp_path: Path) -> None:
+    from trainers.data import training_batches
+    from trainers.heldout import heldout_losses
+    cfg = tiny_config({}, data={"holdout": 0.2}, train={"steps": 4, "checkpoint_every": 2})
+    batches = training_batches(cfg)
+    assert len(batches.data) + len(batches.heldout) == 1797 and len(batches.heldout) == 359
+    train_rows = {r.numpy().tobytes() for r in batches.data.images}
+    assert not any(r.numpy().tobytes() in train_rows for r in batches.heldout.images[:50])
+    _run(cfg, tmp_path, batches)
+    rows = [r for r in read_metrics(tmp_path) if "heldout/loss" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(set(r) >= {f"heldout/interval_{k}" for k in range(4)} for r in rows)
+    state = build_state(cfg, LocalRuntime(), batches)
+    again = [heldout_losses(state.ema.model, state.diffusion, state.intervals, batches.heldout, "cpu")
+             for _ in range(2)]
+    assert again[0] == again[1]                                   # same timesteps and noise every time
+    with pytest.raises(Exception, match="data.holdout: only for the built-in sets"):
+        load_config({"data": {"name": "parquet", "path": "/x", "holdout": 0.1}})

@@ -182,3 +182,26 @@ def test_dmp_space_draws_the_controls_and_gate_options_only_with_a_gate():
         depths.add(overrides["methods.dmp.depth"])                      # fractions of DiT-N's 4 blocks
         assert ("methods.dmp.topk" in overrides) == (mode == "add")
     assert modes == {"add", "prompt_tuning", "fine_tuning"} and depths == {1, 4}
+
+
+def test_meme_space_draws_whole_sets_or_one_experts_architecture():
+    meme = {"meme": {"soft": "decreasing", "ramp": {"r0": 1.0}}}
+    sets = study_from_dict(_study({"meme": {}}, base={**ray_run_dict(), "model": {"name": "UNet-N"},
+                                                      "methods": meme}))
+    fn = SpaceFunction(resolve_space(sets.space), base_run_dict(sets))
+    ot = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = defaultdict(set)
+    for _ in range(40):
+        overrides = fn(ot.ask())["overrides"]
+        check_run_config(fn.base, overrides)                        # every expert of the set is valid
+        seen["identical"].add(overrides["methods.meme.identical"])
+        seen["count"].add(overrides["intervals.count"])
+        assert ("methods.meme.ramp" in overrides) != overrides["methods.meme.identical"]
+    assert seen["identical"] == {True, False} and seen["count"] == {2, 3, 4, 5, 6}
+    one = study_from_dict(_study({"meme": {}}, base={**ray_run_dict(), "model": {"name": "UNet-N"}, "methods": meme},
+                                 overrides={"methods.meme.expert": 2}))
+    fn = SpaceFunction(resolve_space(one.space), base_run_dict(one))
+    drawn = validate_space(fn, samples=16)
+    assert drawn == {"meme.r0", "meme.gamma_t", "meme.gamma_d"}       # only the expert's architecture
+    overrides = fn(optuna.create_study().ask())["overrides"]
+    assert len(overrides["model.arch.high"]) == 2 and "intervals.count" not in overrides
