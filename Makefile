@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/method_overhead.py
 	$(PY) benchmarks/ray_overhead.py
 	$(PY) benchmarks/dmp.py
+	$(PY) benchmarks/meme.py
 
 clean:
 	rm -rf $(VENV) runs mlflow.db .pytest_cache
