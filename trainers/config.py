@@ -55,30 +55,39 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: Literal["digits", "shapes", "parquet"] = "digits"
-    path: Optional[str] = None     # parquet: local directory or s3://bucket/prefix
-    image_size: int = 16           # shapes only (digits are 8x8; parquet is read as stored)
+    name: Literal["digits", "shapes", "parquet", "latents"] = "digits"
+    path: Optional[str] = None     # parquet / latents: local directory or s3://bucket/prefix
+    image_size: int = 16           # shapes only (digits are 8x8; parquet and latents are read as stored)
     num_classes: int = 4           # shapes only
     num_samples: int = 4096        # shapes only
     seed: int = 0
-    flip: bool = False             # random horizontal flip
+    flip: bool = False             # random horizontal flip (latents: the stored flipped latent, if encoded)
     conditional: bool = True       # use class labels when the dataset has them
     holdout: float = 0.0           # built-in sets: share kept out of training for held-out losses
+    encoder: Optional[str] = None  # latents: the autoencoder, if not where the manifest says (hash-checked)
 
     def __post_init__(self) -> None:
-        if self.name == "parquet" and not self.path:
-            raise ConfigError("data.path: required when data.name is parquet (a directory or s3:// URI)")
+        if self.stored and not self.path:
+            raise ConfigError(f"data.path: required when data.name is {self.name} (a directory or s3:// URI)")
         if not 0.0 <= self.holdout < 1.0:
             raise ConfigError("data.holdout: must be in [0, 1) (a share of the set, e.g. 0.1)")
-        if self.holdout > 0 and self.name == "parquet":
-            raise ConfigError("data.holdout: only for the built-in sets; hold out a Parquet set when you prepare it")
+        if self.holdout > 0 and self.stored:
+            raise ConfigError(f"data.holdout: only for the built-in sets; hold out part of a {self.name} set "
+                              f"when you prepare it")
+        if self.encoder and self.name != "latents":
+            raise ConfigError("data.encoder: only for data.name=latents")
         if self.image_size < 4:
             raise ConfigError("data.image_size: must be at least 4")
 
     @property
+    def stored(self) -> bool:
+        """Read from prepared files (Parquet shards and a manifest), not generated."""
+        return self.name in ("parquet", "latents")
+
+    @property
     def pixels(self) -> bool:
-        """Pixel data in [-1, 1] (every set so far); latent data is not bounded."""
-        return True
+        """Pixel data in [-1, 1]; latents are not bounded (no clamp when sampling)."""
+        return self.name != "latents"
 
 
 @dataclass(frozen=True)

@@ -175,7 +175,10 @@ def _grid_png(state: TrainState, batches: BatchSource) -> bytes:
     images = sample_grid(state.ema.model, state.diffusion, state.cfg, image_size=batches.image_size,
                          channels=batches.channels, num_classes=batches.num_classes,
                          n=state.cfg.sample.n, device=state.runtime.device)
-    return png_bytes(make_grid(images, scale=max(1, 64 // batches.image_size)))
+    decode = getattr(batches, "decode", None)       # latent data: the batch source's decoder -> images
+    if decode is not None:
+        images = decode(images)
+    return png_bytes(make_grid(images, scale=max(1, 64 // images.shape[-1])))
 
 
 def train(cfg: RunConfig, runtime: Runtime, reporter: Reporter, batches: BatchSource, *,

@@ -28,7 +28,7 @@ def register(sub) -> None:
 
 def geometry_for(cfg, shape: str | None = None, classes: int | None = None) -> tuple[int, int, int]:
     """(channels, image_size, num_classes) of a run config, with optional overrides."""
-    if cfg.data.name == "parquet" and shape is not None and classes is not None:
+    if cfg.data.stored and shape is not None and classes is not None:
         channels, size, num = 0, 0, 0                     # both given: no need to read the dataset
     else:
         from orchestrator.infra.data_io import run_geometry

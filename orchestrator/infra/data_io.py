@@ -25,7 +25,7 @@ from trainers.data import ArrayDataset, builtin_geometry
 from trainers.errors import DataError
 
 __all__ = ["write_dataset", "read_metadata", "read_dataset", "decode_batch", "from_npz", "from_image_folder",
-           "run_geometry", "META_FILE"]
+           "run_geometry", "check_kind", "META_FILE"]
 
 META_FILE = "_denoiselab.json"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -69,12 +69,26 @@ def read_metadata(storage: Storage, *parts: str) -> dict:
 def run_geometry(cfg, meta: Optional[dict] = None) -> tuple[int, int, int]:
     """(channels, image_size, num_classes) a run config trains on: a built-in set from its config,
     a Parquet set from its metadata (``meta``, or read from ``data.path``)."""
-    if cfg.data.name != "parquet":
+    if not cfg.data.stored:
         return builtin_geometry(cfg.data)
     if meta is None:
         from orchestrator.infra.storage import open_storage
         meta = read_metadata(open_storage(cfg.data.path, cfg.storage.endpoint, cfg.storage.region, fail_fast=True))
+    check_kind(cfg, meta)
     return meta["channels"], meta["image_size"], meta["num_classes"] if cfg.data.conditional else 0
+
+
+def check_kind(cfg, meta: dict) -> None:
+    """``data.name`` agrees with what the manifest holds (pixels or latents)."""
+    latents = meta.get("kind") == "latents"
+    if latents and cfg.data.name != "latents":
+        raise DataError(f"data.name: {cfg.data.path} holds latents; set data.name=latents")
+    if not latents and cfg.data.name == "latents":
+        raise DataError(f"data.name: {cfg.data.path} holds pixel images, not latents; set data.name=parquet, or "
+                        f"encode it with `denoiselab data prepare {cfg.data.path} --encoder ENC --out DIR`")
+    if latents and cfg.data.flip and not meta.get("flip"):
+        raise DataError(f"data.flip: {cfg.data.path} was encoded without flipped latents; set data.flip=false "
+                        f"or re-encode with --flip")
 
 
 def decode_batch(images: Iterable[bytes], labels: Optional[np.ndarray], meta: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -66,7 +66,7 @@ def run_affinity(req: AffinityRequest, address: Optional[str] = None) -> dict:
     cfgs = {(s["config"]["diffusion"]["schedule"], s["config"]["diffusion"]["steps"]) for s in states}
     if len(cfgs) != 1:
         raise ConfigError("affinity: checkpoints come from different diffusion schedules; pass checkpoints of one run")
-    if states[0]["config"]["data"]["name"] == "parquet":
+    if states[0]["config"]["data"]["name"] not in ("digits", "shapes"):
         raise ConfigError("affinity: only runs on built-in data (digits, shapes) are supported so far")
     schedule, steps = cfgs.pop()
     grid = timestep_grid(steps, req.stride)

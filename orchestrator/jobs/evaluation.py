@@ -38,7 +38,7 @@ from trainers.reporting import checkpoint_dir_name
 
 __all__ = ["EVAL_SEED", "EvalRecord", "real_data", "extractors_for", "score_samples", "evaluate_state",
            "evaluate_checkpoint", "log_record", "find_run", "final_eval_metrics", "is_eval_metric",
-           "inception_path", "check_eval_config", "eval_due", "AsyncEvaluator"]
+           "inception_path", "check_eval_config", "eval_due", "AsyncEvaluator", "metric_set"]
 
 EVAL_SEED = 0
 _EVAL_KEY = re.compile(r"^(fd_[a-z0-9]+|fid|is|is_std|precision_[a-z0-9]+|recall_[a-z0-9]+)$")
@@ -52,31 +52,61 @@ def inception_path(explicit: Optional[str] = None) -> Optional[str]:
     return explicit or os.environ.get("DENOISELAB_INCEPTION") or None
 
 
-def check_eval_config(cfg: RunConfig) -> None:
-    """Before any worker starts: an extractor applies and ``eval.n`` can give a covariance."""
+def _manifest(cfg: RunConfig) -> dict:
+    from orchestrator.infra.data_io import read_metadata
+    return read_metadata(open_storage(cfg.data.path, cfg.storage.endpoint, cfg.storage.region))
+
+
+def metric_set(cfg: RunConfig, meta: Optional[dict] = None) -> str:
+    """The data set whose built-in feature network scores this run: its own; for latents, that of
+    the images they were encoded from when that is a built-in RGB set at its own size; else the
+    data's name (no built-in network: Inception weights or nothing)."""
+    if cfg.data.name != "latents":
+        return cfg.data.name
+    meta = meta or _manifest(cfg)
+    src = meta.get("source", {})
+    if src.get("kind") == "builtin" and src.get("name") == "shapes" and meta.get("resolution") == src.get("image_size"):
+        return "shapes"
+    return "latents"
+
+
+def check_eval_config(cfg: RunConfig, meta: Optional[dict] = None) -> bool:
+    """Before any worker starts: an extractor applies and ``eval.n`` can give a covariance. Returns
+    whether evaluation runs: a latent run without a feature network gets grids only, and a note."""
     if cfg.eval.n == 1:
         raise ConfigError("eval.n: a Fréchet distance needs at least 2 samples (use hundreds or more); "
                           "0 disables evaluation")
     inception = inception_path()
-    check_extractor_available(cfg.data.name, inception)
     if inception and not os.path.isfile(inception):
         raise ConfigError(f"DENOISELAB_INCEPTION: {inception} is not a file; point it at Inception-v3 weights")
+    name = metric_set(cfg, meta)
+    if name == "latents" and not inception:
+        print("denoiselab: note: no metric is available for these latents without Inception weights "
+              "(DENOISELAB_INCEPTION=PATH); training writes decoded sample grids only", file=sys.stderr)
+        return False
+    check_extractor_available(name, inception)
+    return True
 
 
 def real_data(cfg: RunConfig) -> ArrayDataset:
-    """The run's real images (built-in sets with their labels; Parquet as stored)."""
+    """The run's real images (built-in sets with their labels; Parquet as stored; for latents the
+    images they were encoded from)."""
     if cfg.data.name in BUILTIN_SETS:
         return builtin_dataset(replace(cfg.data, conditional=True))
+    if cfg.data.name == "latents":
+        from orchestrator.jobs.encode import source_dataset
+        return source_dataset(_manifest(cfg), cfg.storage.endpoint, cfg.storage.region)
     return read_dataset(open_storage(cfg.data.path, cfg.storage.endpoint, cfg.storage.region))
 
 
 def extractors_for(cfg: RunConfig, data: ArrayDataset, inception: Optional[str], cache_dir=None,
                    device: str = "cpu") -> list[Extractor]:
-    check_extractor_available(cfg.data.name, inception)
+    name = metric_set(cfg)
+    check_extractor_available(name, inception)
     cache = cache_root(cache_dir)
     out = []
-    if cfg.data.name in BUILTIN_SETS:
-        out.append(builtin_extractor(cfg.data.name, data, cache, cfg.data.seed, device))
+    if name in BUILTIN_SETS:
+        out.append(builtin_extractor(name, data, cache, cfg.data.seed, device))
     if inception:
         out.append(inception_extractor(inception, device))
     return out
@@ -176,7 +206,7 @@ def evaluate_checkpoint(ref: str, *, n: int, seed: int = EVAL_SEED, steps: Optio
     state = read_checkpoint(cref)
     cfg = load_config(state["config"])
     inception = inception_path(inception)
-    check_extractor_available(cfg.data.name, inception)
+    check_extractor_available(metric_set(cfg), inception)
     if inception and not os.path.isfile(inception):
         raise ConfigError(f"--inception: {inception} is not a file; download the pt_inception-2015-12-05 "
                           f"weights yourself and pass their path (denoiselab never downloads them)")
@@ -230,10 +260,11 @@ class AsyncEvaluator:
     """
 
     def __init__(self, cfg: RunConfig, tracking_uri: str, run_id: str, storage: Storage, run_name: str,
-                 timeout_s: Optional[float] = None):
+                 timeout_s: Optional[float] = None, decoder=None):
         self.cfg, self.storage, self.run_name, self.run_id = cfg, storage, run_name, run_id
+        self.decoder = decoder                                    # latent runs: shipped with the weights
         self.inception = inception_path()
-        check_extractor_available(cfg.data.name, self.inception)
+        check_extractor_available(metric_set(cfg), self.inception)
         from mlflow.tracking import MlflowClient
         self.client = MlflowClient(tracking_uri)
         self.timeout_s = float(timeout_s or os.environ.get("DENOISELAB_EVAL_TIMEOUT_S", 3600))
@@ -257,7 +288,10 @@ class AsyncEvaluator:
         task = ray.remote(_eval_task).options(num_cpus=cpus, num_gpus=gpu, scheduling_strategy="DEFAULT",
                                               max_retries=1)
         state = complete_state(state, self.cfg.storage.endpoint, self.cfg.storage.region)   # a patch: + its base
-        ref = ray.put(slim_state(state, use_ema=True))                        # RAY: EMA snapshot now
+        slim = slim_state(state, use_ema=True)
+        if self.decoder is not None:
+            slim["decoder"] = self.decoder
+        ref = ray.put(slim)                                                   # RAY: EMA snapshot now
         future = task.remote(ref, self.cfg.eval.n, EVAL_SEED, self.cfg.eval.steps, self.inception, device, threads)
         self.pending[future] = (step, checkpoint_uri)
 

@@ -39,7 +39,7 @@ from trainers.eval.reference import from_uint8, to_uint8
 from trainers.images import make_grid, png_bytes
 
 __all__ = ["model_from_state", "SampleSpec", "SampleSet", "slim_state", "sample_blocks",
-           "sample_images", "write_samples", "sampling_mode", "num_blocks", "block_seed", "SEED_BLOCK", "GRID_MAX"]
+           "sample_images", "write_samples", "attach_decoder", "sampling_mode", "num_blocks", "block_seed", "SEED_BLOCK", "GRID_MAX"]
 
 SEED_BLOCK = 64
 GRID_MAX = 100
@@ -53,13 +53,30 @@ def model_from_state(state: dict, use_ema: bool = True, device: str = "cpu"):
 
 
 def slim_state(state: dict, use_ema: bool = True) -> dict:
-    """Only what sampling needs (one set of CPU weights, config, spec, intervals): what goes to
-    workers, which may have no GPU even when training had one. An expert set is already slim."""
+    """Only what sampling needs (one set of CPU weights, config, spec, intervals, the decoder of
+    latent data): what goes to workers, which may have no GPU even when training had one. An
+    expert set is already slim."""
     if state.get("kind") == "expert_set":
         return {k: v for k, v in state.items() if k != "manifest"}
     weights = {k: v.detach().cpu() for k, v in (state["ema"] if use_ema else state["model"]).items()}
-    return {"config": state["config"], "model_spec": state["model_spec"], "intervals": state["intervals"],
+    slim = {"config": state["config"], "model_spec": state["model_spec"], "intervals": state["intervals"],
             "step": state.get("step", 0), "ema": weights, "model": weights}
+    if "decoder" in state:
+        slim["decoder"] = state["decoder"]
+    return slim
+
+
+def attach_decoder(state: dict) -> dict:
+    """A state of a run on latents gets the decoder of its dataset (``decoder``: latents -> images),
+    read where the manifest (or ``data.encoder``) says and checked against the manifest's hash."""
+    data = state.get("config", {}).get("data", {})
+    if "decoder" in state or data.get("name") != "latents":
+        return state
+    from orchestrator.infra.data_io import read_metadata
+    from orchestrator.infra.latents import load_decoder
+    store = state["config"].get("storage", {})
+    meta = read_metadata(open_storage(data["path"], store.get("endpoint"), store.get("region")))
+    return {**state, "decoder": load_decoder(meta, data.get("encoder"))}
 
 
 @dataclass(frozen=True)
@@ -126,6 +143,8 @@ def sample_blocks(state: dict, spec: SampleSpec, blocks: list[int], device: str 
                    sampler=cfg.sample.sampler, y=y, null_class=k if k > 0 else None,
                    guidance=cfg.sample.guidance, eta=cfg.sample.eta, generator=gen, device=device,
                    clip_x0=cfg.clip_x0)
+        if state.get("decoder") is not None:                                  # latents -> images
+            x = state["decoder"](x)
         images.append(to_uint8(x[:hi - lo]))                                  # [n_b, H, W, C]
         idx.append(np.arange(lo, hi))
         if k > 0:
@@ -161,7 +180,7 @@ def sample_images(state: dict, spec: SampleSpec, *, workers: int = 1, local: boo
     """N samples from a checkpoint state, in process (``local``) or over ``workers`` Ray tasks."""
     if workers < 1:
         raise ConfigError(f"--workers: must be >= 1, got {workers}")
-    state = slim_state(state, spec.use_ema)
+    state = attach_decoder(slim_state(state, spec.use_ema))
     if local:
         device = device or ("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         parts = [sample_blocks(state, spec, list(range(num_blocks(spec.n, spec.block))), device)]

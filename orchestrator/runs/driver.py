@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 from orchestrator.infra.checkpoints import base_reference, resolve_checkpoint
 from orchestrator.infra.config_io import dump_yaml
-from orchestrator.infra.data_io import read_metadata, run_geometry
+from orchestrator.infra.data_io import check_kind, read_metadata, run_geometry
+from orchestrator.infra.latents import load_decoder
 from orchestrator.infra.session import connect_ray
 from orchestrator.infra.storage import Storage, StorageError, open_storage
 from orchestrator.infra.tracking import (check_tracking, ensure_experiment, find_or_create_run, log_params,
@@ -72,7 +73,7 @@ def _absolute_paths(cfg: RunConfig) -> RunConfig:
             return path
         return os.path.abspath(os.path.expanduser(path))
     cfg = replace(cfg, storage=replace(cfg.storage, path=absolute(cfg.storage.path)),
-                  data=replace(cfg.data, path=absolute(cfg.data.path)),
+                  data=replace(cfg.data, path=absolute(cfg.data.path), encoder=absolute(cfg.data.encoder)),
                   intervals=replace(cfg.intervals, artifact=absolute(cfg.intervals.artifact)))
     if cfg.init_from and ("/" in cfg.init_from or cfg.init_from.startswith(".")):
         cfg = replace(cfg, init_from=absolute(cfg.init_from))
@@ -114,16 +115,19 @@ def prepare_run(req: TrainRequest) -> PreparedRun:
         tas = _affinity_matrix(cfg, storage)
     intervals, _ = resolve_run_intervals(cfg, tas=tas)
     plan = compose(cfg.methods, build_context(cfg, intervals, cfg.scaling.num_workers))   # validates early
-    if cfg.eval.n > 0:
-        from orchestrator.jobs.evaluation import check_eval_config
-        check_eval_config(cfg)
     payload: dict[str, Any] = {"config": cfg.to_dict(), "run_name": name, "tracking_uri": tracking_uri,
                                "intervals": intervals.to_list(), "threads": max(1, int(cfg.scaling.cpus_per_worker))}
     datasets: dict = {}
-    if cfg.data.name == "parquet":
+    if cfg.data.stored:
         data_storage = open_storage(cfg.data.path, cfg.storage.endpoint, cfg.storage.region, fail_fast=True)
         payload["data_meta"] = read_metadata(data_storage)
+        check_kind(cfg, payload["data_meta"])
+        if cfg.data.name == "latents":
+            payload["decoder"] = load_decoder(payload["data_meta"], cfg.data.encoder)   # hash-checked
         datasets["train"] = _read_parquet(cfg)
+    if cfg.eval.n > 0:
+        from orchestrator.jobs.evaluation import check_eval_config
+        payload["evaluate"] = check_eval_config(cfg, payload.get("data_meta"))
     if cfg.init_from:
         ref = resolve_checkpoint(cfg.init_from, storage, cfg.storage.endpoint, cfg.storage.region)
         payload["init_from"] = ref.payload()
@@ -165,8 +169,21 @@ def _affinity_matrix(cfg: RunConfig, storage: Storage):
 
 def _read_parquet(cfg: RunConfig):
     import ray.data
+    ray.data.DataContext.get_current().enable_progress_bars = False      # one progress line: the trainer's
     data_storage = open_storage(cfg.data.path, cfg.storage.endpoint, cfg.storage.region)
     return ray.data.read_parquet(data_storage.root, filesystem=data_storage.fs, file_extensions=["parquet"])
+
+
+def _check_data_cpus(cfg: RunConfig) -> None:
+    """Ray Data's read tasks need a CPU that no training worker holds; when the workers take every
+    CPU of the cluster they would never run and training would wait forever."""
+    import ray
+    total = ray.cluster_resources().get("CPU", 0)
+    needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    if cfg.data.stored and needed <= total < needed + 1:
+        raise ConfigError(f"scaling.cpus_per_worker: {cfg.scaling.num_workers} worker(s) x {cfg.scaling.cpus_per_worker:g} "
+                          f"CPU take all {total:g} CPUs of the cluster, and Ray Data needs one to stream "
+                          f"data.path; lower scaling.cpus_per_worker (or add a node)")
 
 
 def _check_cluster(storage: Storage) -> int:
@@ -245,6 +262,7 @@ def run_training(req: TrainRequest) -> TrainOutcome:
     resumed_storage = prep.storage.exists(prep.name, SNAPSHOT)
     connect_ray(req.address)
     num_nodes = _check_cluster(prep.storage)
+    _check_data_cpus(prep.cfg)
     run_id, resumed = _start_tracking(prep, req, num_nodes)
     prep.payload["run_id"] = run_id
     prep.storage.write_bytes(dump_yaml(prep.cfg).encode(), prep.name, "denoiselab", "config.yaml")

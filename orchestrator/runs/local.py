@@ -17,7 +17,7 @@ __all__ = ["train_local"]
 
 
 def train_local(cfg: RunConfig) -> dict:
-    if cfg.storage.path.startswith("s3://") or cfg.data.name == "parquet":
+    if cfg.storage.path.startswith("s3://") or cfg.data.stored:
         raise ConfigError("--local: runs only with a local storage.path and built-in data; drop --local to use Ray")
     import torch
     device = "cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"

@@ -14,6 +14,7 @@ import torch
 
 from orchestrator.infra.checkpoints import complete_state, read_base
 from orchestrator.infra.data_io import decode_batch
+from orchestrator.infra.latents import draw_latents
 from orchestrator.infra.storage import open_storage
 from orchestrator.infra.tracking import NullTracker, WorkerTracker
 from orchestrator.runs.reporter import RayReporter
@@ -25,7 +26,7 @@ from trainers.loop import train
 from trainers.methods import Intervals
 from trainers.reporting import ProgressLine
 
-__all__ = ["train_loop_per_worker", "RayDataBatches"]
+__all__ = ["train_loop_per_worker", "RayDataBatches", "LatentBatches"]
 
 
 class RayDataBatches:
@@ -39,6 +40,9 @@ class RayDataBatches:
         self.num_classes, self.image_size, self.channels = meta["num_classes"], meta["image_size"], meta["channels"]
         self._it = None
 
+    def rows(self, batch: dict, step: int):
+        return decode_batch(batch["image"], batch.get("label"), self.meta)
+
     def _epoch(self):
         return self.shard.iter_batches(batch_size=self.local_batch, batch_format="numpy", drop_last=True)
 
@@ -48,9 +52,10 @@ class RayDataBatches:
                 self._it = iter(self._epoch())
             try:
                 batch = next(self._it)
-                return decode_batch(batch["image"], batch.get("label"), self.meta)
             except StopIteration:
                 self._it = None
+                continue
+            return self.rows(batch, step)
         raise RuntimeError("data: the Ray Data shard yields no full batch; use a smaller train.batch_size")
 
 
@@ -62,6 +67,7 @@ class DataAudit:
         self.inner, self.limit, self.digests = inner, limit, []
         self.num_classes, self.image_size, self.channels = inner.num_classes, inner.image_size, inner.channels
         self.heldout = getattr(inner, "heldout", None)
+        self.decode = getattr(inner, "decode", None)
 
     def get(self, step: int):
         x0, y = self.inner.get(step)
@@ -75,11 +81,29 @@ class DataAudit:
         storage.write_bytes(body.encode(), run_name, "denoiselab", "data_audit", f"rank_{rank}.json")
 
 
+class LatentBatches(RayDataBatches):
+    """Latent rows -> model-space latents drawn from the stored posterior (``orchestrator/infra/
+    latents.py``), ε seeded by (seed, step, rank); ``decode`` turns the loop's sample grids into
+    images."""
+
+    def __init__(self, shard, meta: dict, local_batch: int, seed: int, rank: int, flip: bool, decode=None):
+        super().__init__(shard, meta, local_batch)
+        self.seed, self.rank, self.flip, self.decode = seed, rank, flip, decode
+
+    def rows(self, batch: dict, step: int):
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 4_099 + self.rank)
+        return draw_latents(batch, self.meta, gen, self.flip)
+
+
 def _batches(cfg, payload: dict, rank: int, world: int):
-    if cfg.data.name == "parquet":
-        import ray.train                                                  # RAY
-        return RayDataBatches(ray.train.get_dataset_shard("train"), payload["data_meta"], cfg.local_batch_size)
-    return training_batches(cfg, rank, world)
+    if not cfg.data.stored:
+        return training_batches(cfg, rank, world)
+    import ray.train                                                      # RAY
+    shard = ray.train.get_dataset_shard("train")                          # RAY
+    if cfg.data.name == "latents":
+        return LatentBatches(shard, payload["data_meta"], cfg.local_batch_size, cfg.train.seed, rank, cfg.data.flip,
+                             payload.get("decoder") if rank == 0 else None)
+    return RayDataBatches(shard, payload["data_meta"], cfg.local_batch_size)
 
 
 def _resume_state() -> Optional[dict]:
@@ -116,9 +140,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                if runtime.is_main else NullTracker())
     progress = ProgressLine(cfg.train.steps, every=1) if runtime.is_main else None
     evaluator = None
-    if runtime.is_main and cfg.eval.n > 0:
+    if runtime.is_main and cfg.eval.n > 0 and payload.get("evaluate", True):
         from orchestrator.jobs.evaluation import AsyncEvaluator
-        evaluator = AsyncEvaluator(cfg, payload["tracking_uri"], payload["run_id"], storage, payload["run_name"])
+        evaluator = AsyncEvaluator(cfg, payload["tracking_uri"], payload["run_id"], storage, payload["run_name"],
+                                   decoder=payload.get("decoder"))
     reporter = RayReporter(tracker, storage, payload["run_name"], runtime.is_main, progress, evaluator)
     resume = _resume_state()
     init, base_ref = _initial_weights(cfg, payload, resume)

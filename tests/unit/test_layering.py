@@ -9,8 +9,8 @@ from pathlib import Path
 import trainers
 import trainers.eval
 
-FORBIDDEN = ("ray", "mlflow", "boto3", "botocore", "pyarrow", "optuna", "sklearn", "scipy", "pandas", "yaml",
-             "orchestrator", "search")
+FORBIDDEN = ("ray", "mlflow", "boto3", "botocore", "pyarrow", "optuna", "sklearn", "scipy", "diffusers", "safetensors",
+             "pandas", "yaml", "orchestrator", "search")
 ROOT = Path(__file__).resolve().parents[2]
 
 _IMPORT_ALL = """
