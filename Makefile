@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/ray_overhead.py
 	$(PY) benchmarks/dmp.py
 	$(PY) benchmarks/meme.py
+	$(PY) benchmarks/latents.py
 
 clean:
 	rm -rf $(VENV) runs mlflow.db .pytest_cache

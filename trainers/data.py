@@ -132,7 +132,8 @@ def builtin_dataset(cfg) -> ArrayDataset:
 
 
 class BatchSource(Protocol):
-    """What the loop consumes: the local batch for a given step."""
+    """What the loop consumes: the local batch for a given step. A source of latent data may also
+    carry ``decode`` (latents -> images in [-1, 1]), which the loop applies to its sample grids."""
     num_classes: int
     image_size: int
     channels: int

@@ -85,7 +85,7 @@ def draw_latents(batch: dict, meta: dict, generator: torch.Generator,
         z = column("latent")
     z = (z - float(enc.get("shift_factor", 0.0))) * float(enc["scaling_factor"])
     labels = batch.get("label")
-    y = torch.from_numpy(np.asarray(labels, dtype=np.int64)) if labels is not None and meta["num_classes"] > 0 else None
+    y = torch.tensor(np.asarray(labels), dtype=torch.int64) if labels is not None and meta["num_classes"] > 0 else None
     return z.contiguous(), y
 
 
