@@ -89,3 +89,17 @@ def test_mlflow_server_with_proxied_artifacts(local_ray, s3, mlflow_server, tmp_
     assert any(k.endswith("samples/final.png") for k in keys), keys
     versions = client.search_model_versions("name='tiny-digits'")
     assert versions and versions[0].tags["checkpoint_uri"].endswith("server-run/step_00000020")
+
+
+def test_stored_data_needs_a_cpu_for_ray_data(local_ray):
+    """Workers holding every CPU would starve Ray Data's readers (training would hang): refused."""
+    from orchestrator.runs.driver import _check_data_cpus
+    from trainers.errors import ConfigError
+    total = int(local_ray.cluster_resources()["CPU"])
+    cfg = load_config({"data": {"name": "parquet", "path": "/nowhere"},
+                       "scaling": {"num_workers": 2, "cpus_per_worker": total / 2}})
+    with pytest.raises(ConfigError, match="Ray Data needs one to stream data.path; lower scaling.cpus_per_worker"):
+        _check_data_cpus(cfg)
+    _check_data_cpus(load_config({"data": {"name": "parquet", "path": "/nowhere"},
+                                  "scaling": {"num_workers": 2, "cpus_per_worker": (total - 1) / 2}}))
+    _check_data_cpus(load_config({"scaling": {"num_workers": 2, "cpus_per_worker": total / 2}}))   # built-in data
