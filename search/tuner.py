@@ -16,6 +16,7 @@ resume (docs/platform.md, "Ray Tune, Optuna and ASHA").
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -55,6 +56,22 @@ class StudySearch(OptunaSearch):
     def __init__(self, *args: Any, budget_steps: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._budget_steps = budget_steps
+        self._reported: dict[str, set[int]] = {}
+
+    def _report_step(self, trial_id: str, result: Optional[dict]) -> None:
+        """Optuna's intermediate value at the *training step* of the report (Tune's own searcher
+        keys it by Tune iteration, which a resumed trial repeats), once per step."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials or not result or self.metric not in result:
+            return
+        step = int(result.get("step", result.get("training_iteration", 0)))
+        seen = self._reported.setdefault(trial_id, set())
+        if step not in seen:
+            seen.add(step)
+            ot_trial.report(float(result[self.metric]), step)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._report_step(trial_id, result)
 
     def suggest(self, trial_id: str):
         params = super().suggest(trial_id)
@@ -63,6 +80,7 @@ class StudySearch(OptunaSearch):
         return params
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False):
+        self._report_step(trial_id, result)                 # an ASHA-stopped trial's last report too
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None and trial_id not in self._completed_trials and result and "step" in result:
             try:
@@ -231,7 +249,8 @@ def _tuner(prep: PreparedStudy, parent_id: str, concurrency: int):
                                   num_samples=num_trials(prep), max_concurrent_trials=concurrency,
                                   time_budget_s=study.budget.time_s, reuse_actors=False)
     run_config = tune.RunConfig(name=study.name, storage_path=prep.storage.path("tune"), storage_filesystem=fs,
-                                failure_config=tune.FailureConfig(max_failures=study.max_failures), verbose=1)
+                                failure_config=tune.FailureConfig(max_failures=study.max_failures),
+                                verbose=1 if os.environ.get("DENOISELAB_VERBOSE") else 0)
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config), False
 
 

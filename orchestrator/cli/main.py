@@ -8,6 +8,7 @@ orchestrator (``search``) contribute their commands without the orchestrator imp
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import metadata
 from typing import Callable, Optional
@@ -20,9 +21,16 @@ ENTRY_POINT_GROUP = "denoiselab.commands"
 
 
 def _builtin() -> list[Callable]:
-    from orchestrator.cli import cost, data, experts, intervals, review, samples, train
+    from orchestrator.cli import cost, data, doctor, experts, intervals, jobs, launch, review, samples, train
     return [train.register, experts.register, data.register, samples.register, review.register, intervals.register,
-            cost.register]
+            cost.register, doctor.register, jobs.register, launch.register]
+
+
+def _version() -> str:
+    try:
+        return metadata.version("denoiselab")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _contributed() -> list[Callable]:
@@ -37,20 +45,42 @@ def _contributed() -> list[Callable]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="denoiselab", description="Diffusion training as many denoising tasks.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (also accepted after the command)")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own log lines on the console "
+                        "(also accepted after the command)")
+    parser.add_argument("--version", action="version", version=f"denoiselab {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for register in _builtin() + _contributed():
         register(sub)
     return parser
 
 
+def _global_flags(argv: list[str]) -> tuple[list[str], set[str]]:
+    """``--debug`` / ``--verbose`` anywhere before a ``--`` count as global flags."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = {a for a in argv[:end] if a in ("--debug", "--verbose")}
+    return [a for i, a in enumerate(argv) if i >= end or a not in flags], flags
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
+    argv, flags = _global_flags(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
+    args.debug = args.debug or "--debug" in flags
+    args.verbose = args.verbose or "--verbose" in flags
+    if args.verbose:
+        os.environ["DENOISELAB_VERBOSE"] = "1"
+    else:                                                   # before anything imports ray.data
+        from pathlib import Path
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG",
+                              str(Path(__file__).resolve().parents[1] / "infra" / "ray_data_logging.yaml"))
     import logging
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
+        if getattr(args, "address", None):                 # a dead cluster: one line in seconds, not minutes
+            from orchestrator.infra.session import check_reachable
+            check_reachable(args.address)
         return args.handler(args)
     except UserError as err:
         if args.debug:

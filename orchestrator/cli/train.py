@@ -28,17 +28,23 @@ def _cmd_train(args) -> int:
     if args.resume:
         cfg = config_for_resume(args.resume, cfg.replace(name=args.resume))
     outcome = run_training(TrainRequest(cfg, address=args.address, restart=args.restart, register=args.register))
-    _print_summary(outcome)
+    _print_summary(outcome, cfg.storage.endpoint)
     return 0
 
 
-def _print_summary(o) -> None:
+def _print_summary(o, endpoint=None) -> None:
+    """What the run left behind; only paths that exist are printed."""
+    from orchestrator.infra.storage import open_storage
     ui = f"mlflow ui --backend-store-uri {o.tracking_uri}" if not o.tracking_uri.startswith("http") else o.tracking_uri
-    grid = f"{o.storage_uri}/denoiselab/artifacts/samples/final.png"
-    print(f"\nrun         {o.run_name}{' (resumed)' if o.resumed else ''}\n"
-          f"mlflow run  {o.run_id}  ->  {ui}\n"
-          f"checkpoint  {o.checkpoint_uri}\n"
-          f"samples     {grid}")
+    lines = [f"\nrun         {o.run_name}{' (resumed)' if o.resumed else ''}",
+             f"mlflow run  {o.run_id}  ->  {ui}"]
+    if o.checkpoint_uri:
+        lines.append(f"checkpoint  {o.checkpoint_uri}")
+    run_dir = open_storage(o.storage_uri, endpoint)
+    grid = ("denoiselab", "artifacts", "samples", "final.png")
+    if run_dir.exists(*grid):
+        lines.append(f"samples     {run_dir.uri_of(*grid)}")
+    print("\n".join(lines))
     for key in ("loss", "fd_digits", "fd_shapes", "fid", "is"):
         if key in o.metrics:
             print(f"{key:<11} {o.metrics[key]:.4f}")

@@ -36,7 +36,8 @@ class TrackingError(UserError):
 def resolve_tracking_uri(uri: Optional[str]) -> str:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+        from orchestrator.infra.session import durable_path
+        uri = "sqlite:///" + durable_path(uri.removeprefix("sqlite:///"), "tracking.uri")
     if uri.startswith("file:") or ("://" not in uri and not uri.startswith("databricks")):
         raise TrackingError(f"tracking.uri: {uri!r} is a file store, which MLflow 3 refuses; "
                             f"use sqlite:///mlflow.db or an http(s):// tracking server")

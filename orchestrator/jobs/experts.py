@@ -108,6 +108,9 @@ def run_experts(req: ExpertsRequest) -> ExpertSetOutcome:
         task = ray.remote(_train_expert).options(num_cpus=0, max_retries=0)   # RAY: a driver per expert
         try:
             ray.get([task.remote(experts[n].to_dict(), parent_id, True) for n in todo])
+        except KeyboardInterrupt:
+            client.set_terminated(parent_id, "KILLED")
+            raise
         except BaseException:
             client.set_terminated(parent_id, "FAILED")
             raise

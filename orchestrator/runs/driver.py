@@ -17,6 +17,7 @@ from orchestrator.infra.checkpoints import base_reference, resolve_checkpoint
 from orchestrator.infra.config_io import dump_yaml
 from orchestrator.infra.data_io import check_kind, read_metadata, run_geometry
 from orchestrator.infra.latents import load_decoder
+from orchestrator.infra.session import durable_path
 from orchestrator.infra.session import connect_ray
 from orchestrator.infra.storage import Storage, StorageError, open_storage
 from orchestrator.infra.tracking import (check_tracking, ensure_experiment, find_or_create_run, log_params,
@@ -72,7 +73,8 @@ def _absolute_paths(cfg: RunConfig) -> RunConfig:
         if not path or "://" in path:
             return path
         return os.path.abspath(os.path.expanduser(path))
-    cfg = replace(cfg, storage=replace(cfg.storage, path=absolute(cfg.storage.path)),
+    storage = cfg.storage.path if "://" in cfg.storage.path else durable_path(cfg.storage.path, "storage.path")
+    cfg = replace(cfg, storage=replace(cfg.storage, path=storage),
                   data=replace(cfg.data, path=absolute(cfg.data.path), encoder=absolute(cfg.data.encoder)),
                   intervals=replace(cfg.intervals, artifact=absolute(cfg.intervals.artifact)))
     if cfg.init_from and ("/" in cfg.init_from or cfg.init_from.startswith(".")):
@@ -169,7 +171,10 @@ def _affinity_matrix(cfg: RunConfig, storage: Storage):
 
 def _read_parquet(cfg: RunConfig):
     import ray.data
-    ray.data.DataContext.get_current().enable_progress_bars = False      # one progress line: the trainer's
+    data_context = ray.data.DataContext.get_current()
+    if not os.environ.get("DENOISELAB_VERBOSE"):                        # one progress line: the trainer's
+        data_context.enable_progress_bars = False
+        data_context.print_on_execution_start = False
     data_storage = open_storage(cfg.data.path, cfg.storage.endpoint, cfg.storage.region)
     return ray.data.read_parquet(data_storage.root, filesystem=data_storage.fs, file_extensions=["parquet"])
 
@@ -237,7 +242,15 @@ def _trainer(prep: PreparedRun, callbacks: tuple = ()):
                              storage_filesystem=prep.storage.fs if prep.storage.is_remote else None,
                              failure_config=FailureConfig(max_failures=sc.max_failures),
                              callbacks=list(callbacks) or None,
-                             checkpoint_config=CheckpointConfig(num_to_keep=prep.cfg.train.keep_checkpoints)))
+                             checkpoint_config=CheckpointConfig(num_to_keep=prep.cfg.train.keep_checkpoints),
+                             logging_config=train_logging()))
+
+
+def train_logging():
+    """Ray Train's own INFO lines (report dumps, worker-group events) stay in Ray's log files
+    (``logs/train/`` of the session) unless ``--verbose``; warnings still reach the console."""
+    from ray.train.v2.api.config import LoggingConfig                      # RAY
+    return LoggingConfig(log_level="INFO" if os.environ.get("DENOISELAB_VERBOSE") else "WARNING")
 
 
 def _user_error_in(err: BaseException) -> Optional[UserError]:
@@ -274,9 +287,13 @@ def run_training(req: TrainRequest) -> TrainOutcome:
     client = MlflowClient(prep.tracking_uri)
     try:
         result = _trainer(prep, req.train_callbacks).fit()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as err:
+        # Ray Train installs its own SIGINT handler during fit(): it aborts the run and exits the
+        # process (code 1, no message). Either way the run was interrupted: mark it and say so.
         client.set_terminated(run_id, "KILLED")
-        raise
+        if isinstance(err, SystemExit) and err.code not in (0, 1, None):
+            raise
+        raise KeyboardInterrupt from None
     except Exception as err:  # noqa: BLE001 - report the user's mistake in one line when there is one
         client.set_terminated(run_id, "FAILED")
         user = _user_error_in(err)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from typing import Any, Optional
 
 import torch
@@ -131,7 +133,21 @@ def _initial_weights(cfg, payload: dict, resume: Optional[dict]) -> tuple[Option
     return complete_state(state_from_bytes(data, src["uri"]), endpoint, region), None
 
 
+def _quiet_ray_train_logs() -> None:
+    """Ray Train's per-report INFO line (a dump of every metric) is logged under the module's file
+    path rather than ``ray.train``, so ``LoggingConfig`` does not reach it: silence it unless
+    ``--verbose`` (Ray's log files keep it)."""
+    if os.environ.get("DENOISELAB_VERBOSE"):
+        return
+    try:
+        from ray.train.v2._internal.execution import context                # RAY
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    _quiet_ray_train_logs()
     torch.set_num_threads(max(1, int(payload.get("threads", 1))))
     cfg = load_config(payload["config"])
     runtime = ray_runtime()

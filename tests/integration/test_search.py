@@ -88,6 +88,9 @@ def test_smoke_study_asha_stops_weak_trials(search_ray, tmp_path):
     assert [t.state.name for t in ot.trials] == ["COMPLETE"] * 4
     assert {t.user_attrs["tune_trial_id"] for t in ot.trials} == {r.trial_id for r in out.records}
     assert sum(t.user_attrs["stopped_early"] for t in ot.trials) == statuses.count("stopped")
+    for t in ot.trials:                       # learning curves keyed by training step, stopped trials too
+        steps = sorted(t.intermediate_values)
+        assert steps and steps == list(range(10, t.user_attrs["steps"] + 1, 10)), (t.number, steps)
 
     from orchestrator.infra.config_io import load_run_config
     best = load_run_config(str(out.outputs["best_yaml"]))
@@ -171,6 +174,7 @@ def test_shipped_smoke_study_runs_from_the_cli(tmp_path):
     """`denoiselab search search/studies/smoke.yaml` as a user runs it (its own local Ray)."""
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "search", str(REPO / "search/studies/smoke.yaml"),
+                             "--set", "budget.trials=2",                  # the other tests cover 4 trials
                              "--set", f"output={tmp_path}/out", "--set", f"storage.path={tmp_path}/runs",
                              "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -181,5 +185,6 @@ def test_shipped_smoke_study_runs_from_the_cli(tmp_path):
         _kill_session(proc.pid)
     assert proc.returncode == 0, output[-3000:]
     board = json.loads((tmp_path / "out" / "leaderboard.json").read_text())
-    assert board["study"] == "smoke" and len(board["trials"]) == 4
+    assert board["study"] == "smoke" and len(board["trials"]) == 2
+    assert "Logical resource usage" not in output and "Trial status:" not in output   # no Tune tables
     assert (tmp_path / "out" / "best.yaml").exists()

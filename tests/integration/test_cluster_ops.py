@@ -1,0 +1,228 @@
+"""Operating a cluster as a user does: dead addresses fail in seconds, `submit`/`jobs` against a
+real `ray start --head` with token authentication, `doctor` against real services, an `mlflow
+server` with basic authentication, Ctrl-C on a run, the quiet console and the CLI's own flags."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import free_port, wait_for
+
+CLI = [sys.executable, "-m", "orchestrator"]
+RAY = str(Path(sys.executable).with_name("ray"))
+TINY = ("name: {name}\nmodel: {{name: DiT-N/2}}\ndiffusion: {{steps: 100}}\n"
+        "train: {{steps: {steps}, batch_size: 16, checkpoint_every: {every}, log_every: 5}}\n"
+        "sample: {{n: {n}, steps: 5}}\nscaling: {{num_workers: 1, cpus_per_worker: 1}}\n"
+        "storage: {{path: {storage}}}\n")
+
+
+def _cli(*args: str, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env={**os.environ, **(env or {})})
+
+
+def test_version_and_debug_after_the_command(tmp_path):
+    out = _cli("--version")
+    assert out.returncode == 0 and out.stdout.startswith("denoiselab 0.")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {stepz: 3}\n")
+    plain = _cli("train", str(bad))
+    assert plain.returncode == 2 and len(plain.stderr.strip().splitlines()) == 1
+    debug = _cli("train", str(bad), "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "{cfg}"], ["search", "search/studies/smoke.yaml"], ["experts", "orchestrator/experiments/meme_digits.yaml"],
+    ["sample", "some-run", "--n", "100", "--workers", "2"], ["affinity", "some-run", "--out", "{tmp}/aff"],
+    ["doctor"]])
+def test_dead_address_fails_in_seconds(command, tmp_path):
+    port = free_port()                                                    # nothing listens there
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(TINY.format(name="dead", steps=5, every=5, n=0, storage=tmp_path / "runs"))
+    args = [a.format(cfg=cfg, tmp=tmp_path) for a in command] + ["--address", f"127.0.0.1:{port}"]
+    started = time.monotonic()
+    out = _cli(*args, cwd=Path(__file__).resolve().parents[2], timeout=120)
+    seconds = time.monotonic() - started
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"nothing answers at 127.0.0.1:{port}" in lines[-1] and "start the cluster" in lines[-1]
+    assert seconds < 30
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A real `ray start --head` on this host, token authentication on (Ray's default since
+    2.59), its token in a private HOME; jobs keep relative paths under DENOISELAB_HOME."""
+    home = tmp_path_factory.mktemp("head-home")
+    ports = {"gcs": free_port(), "dashboard": free_port(), "client": free_port()}
+    env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "DENOISELAB_HOME": str(home / "durable"),
+           "RAY_DEDUP_LOGS": "0", "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(generate_new_authentication_token())
+    start = subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(ports["gcs"]),
+                            "--dashboard-port", str(ports["dashboard"]), "--ray-client-server-port",
+                            str(ports["client"]), "--num-cpus", "2", "--disable-usage-stats",
+                            "--dashboard-host", "127.0.0.1"], env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stdout + start.stderr
+    try:
+        yield {"env": env, "home": home, "dashboard": f"http://127.0.0.1:{ports['dashboard']}",
+               "gcs": f"127.0.0.1:{ports['gcs']}"}
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_submit_jobs_and_relative_paths_survive(head, tmp_path):
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "c.yaml").write_text(TINY.format(name="job-run", steps=10, every=5, n=0, storage="./runs"))
+    env = {k: v for k, v in head["env"].items() if k != "RAY_AUTH_MODE"}   # the client detects token auth
+    client_env = {**env, "HOME": str(head["home"])}
+    sub = subprocess.run([*CLI, "submit", "--address", head["dashboard"], "--", "train", "c.yaml"], cwd=work,
+                         env=client_env, capture_output=True, text=True, timeout=400)
+    assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
+    job_id = sub.stdout.strip().splitlines()[-1] if "raysubmit_" in sub.stdout.splitlines()[-1] else \
+        next(line for line in sub.stdout.splitlines() if line.startswith("raysubmit_"))
+    durable = head["home"] / "durable" / "runs" / "job-run"
+    assert (durable / "step_00000010" / "state.pt").exists()               # kept outside the job's temp dir
+    assert "storage.path: ./runs is relative inside a Ray job" in sub.stdout + sub.stderr
+    logs = subprocess.run([*CLI, "jobs", "--address", head["dashboard"], "logs", job_id], env=client_env,
+                          capture_output=True, text=True, timeout=120)
+    assert logs.returncode == 0 and "step 10/10" in logs.stdout
+    listed = subprocess.run([*CLI, "jobs", "--address", head["dashboard"], "list"], env=client_env,
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and job_id in listed.stdout and "SUCCEEDED" in listed.stdout
+    dry = subprocess.run([*CLI, "launch", "deploy/aws.yaml", "--dry-run", "--down", "--", "train", "c.yaml"],
+                         cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    assert [line.split(" ", 1)[1].split("   ")[0] for line in dry.stdout.strip().splitlines()] == [
+        "ray up -y deploy/aws.yaml", "ray dashboard --port 8265 deploy/aws.yaml",
+        "denoiselab submit --address http://127.0.0.1:8265 -- train c.yaml", "ray down -y deploy/aws.yaml"]
+
+
+@pytest.fixture(scope="module")
+def auth_mlflow(tmp_path_factory):
+    """`mlflow server --app-name basic-auth` with an admin user from its auth config."""
+    root = tmp_path_factory.mktemp("mlflow-auth")
+    (root / "auth.ini").write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root}/auth.db\n"
+                                   "admin_username = admin\nadmin_password = doctor-test-pass-123\n"
+                                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-secret"}
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",
+                             "--backend-store-uri", f"sqlite:///{root}/store.db", "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], env=env,
+                            stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+    try:
+        wait_for(healthy, 90, 0.5, "mlflow server with basic auth")
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_doctor_passes_and_fails_clearly(head, s3, auth_mlflow, tmp_path):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        os.environ.pop(key, None)
+    with pytest.raises(MlflowException):                                  # unauthenticated: rejected
+        MlflowClient(auth_mlflow).create_experiment("nope")
+    user = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "doctor-test-pass-123"}
+    head_vars = {k: head["env"][k] for k in ("HOME", "RAY_AUTH_MODE", "DENOISELAB_HOME", "PATH")}
+    env = {**os.environ, **head_vars, **user}                             # with the s3 fixture's credentials
+    ok = subprocess.run([*CLI, "doctor", "--address", head["gcs"], "--storage", "s3://denoiselab/doctor",
+                         "--endpoint", s3["endpoint"], "--tracking-uri", auth_mlflow], env=env,
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    names = [line.split()[1] for line in ok.stdout.strip().splitlines()]
+    assert names == ["env", "local", "tracking", "cluster", "versions", "storage"]
+    assert "writable from all 1 node(s)" in ok.stdout and "accepts user 'admin'" in ok.stdout
+    os.environ.update(user)                                               # the standard variables work
+    try:
+        assert MlflowClient(auth_mlflow).create_experiment("doctor-ok")
+    finally:
+        for key in user:
+            os.environ.pop(key, None)
+    anonymous = {k: v for k, v in env.items() if k not in user}
+    no_user = subprocess.run([*CLI, "doctor", "--address", head["gcs"], "--storage", str(tmp_path / "runs"),
+                              "--tracking-uri", auth_mlflow], env=anonymous, capture_output=True, text=True,
+                             timeout=300)
+    assert no_user.returncode == 1 and "FAIL  tracking  " in no_user.stdout and "HTTP 401" in no_user.stdout
+    dead = f"http://127.0.0.1:{free_port()}"
+    bad = subprocess.run([*CLI, "doctor", "--address", head["gcs"], "--storage", "s3://denoiselab/doctor",
+                          "--endpoint", dead, "--tracking-uri", dead], env=env, capture_output=True, text=True,
+                         timeout=300)
+    fails = [line for line in bad.stdout.splitlines() if line.startswith("FAIL")]
+    assert bad.returncode == 1 and len(fails) == 2
+    assert "FAIL  tracking  " in fails[0] and "cannot reach the MLflow server" in fails[0]
+    assert "FAIL  storage   " in fails[1]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ctrl_c_marks_the_run_killed(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(TINY.format(name="interrupted", steps=4000, every=20, n=0, storage=tmp_path / "runs"))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    with open(tmp_path / "out.txt", "w") as out_f, open(tmp_path / "err.txt", "w") as err_f:
+        proc = subprocess.Popen([*CLI, "train", str(cfg)], cwd=tmp_path, env=env, stdout=out_f, stderr=err_f,
+                                text=True, start_new_session=True)
+        try:
+            wait_for(lambda: (tmp_path / "runs" / "interrupted" / "step_00000020").exists() or proc.poll() is not None,
+                     240, 0.5, "a checkpoint")
+            os.killpg(proc.pid, signal.SIGINT)                             # what a terminal sends
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted; re-run the same command to resume" in err.strip().splitlines()[-1]
+    assert "Reporting training result" not in out + err and "TrainingReport(" not in out + err   # quiet console
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("denoiselab").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+
+def test_summary_prints_only_what_exists(tmp_path):
+    from orchestrator.cli.train import _print_summary
+    from orchestrator.runs.driver import TrainOutcome
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    outcome = TrainOutcome("r", "abc", "sqlite:///x.db", None, False, str(run_dir), {"loss": 0.5})
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        _print_summary(outcome)
+    assert "samples" not in buf.getvalue() and "checkpoint" not in buf.getvalue()
+    (run_dir / "denoiselab" / "artifacts" / "samples").mkdir(parents=True)
+    (run_dir / "denoiselab" / "artifacts" / "samples" / "final.png").write_bytes(b"png")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        _print_summary(outcome)
+    assert f"samples     {run_dir}/denoiselab/artifacts/samples/final.png" in buf.getvalue()
