@@ -282,7 +282,7 @@ def run_training(req: TrainRequest) -> TrainOutcome:
     if not req.quiet:
         verb = "resuming" if resumed_storage else "starting"
         print(f"denoiselab: {verb} run {prep.name} ({prep.cfg.scaling.num_workers} worker(s), "
-              f"{num_nodes} node(s)); checkpoints in {prep.storage.uri_of(prep.name)}", file=sys.stderr)
+              f"{num_nodes} node(s)); checkpoints in {prep.storage.uri_of(prep.name)}{_ray_logs()}", file=sys.stderr)
     from mlflow.tracking import MlflowClient
     client = MlflowClient(prep.tracking_uri)
     try:
@@ -312,6 +312,16 @@ def run_training(req: TrainRequest) -> TrainOutcome:
     metrics = {**dict(result.metrics or {}), **final_eval_metrics(client, run_id)}
     return TrainOutcome(prep.name, run_id, prep.tracking_uri, checkpoint_uri, resumed_storage,
                         prep.storage.uri_of(prep.name), metrics)
+
+
+def _ray_logs() -> str:
+    """Where Ray's own log lines went (they stay off the console unless --verbose)."""
+    try:
+        import ray
+        session = ray._private.worker._global_node.get_session_dir_path()      # RAY: no public accessor
+    except Exception:  # noqa: BLE001 - a hint only
+        return ""
+    return f"; Ray's own logs in {session}/logs"
 
 
 def log_stage_plot(client, run_id: str, storage: Storage, run_name: str) -> None:

@@ -185,13 +185,13 @@ def test_doctor_passes_and_fails_clearly(head, s3, auth_mlflow, tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_marks_the_run_killed(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(TINY.format(name="interrupted", steps=4000, every=20, n=0, storage=tmp_path / "runs"))
+    cfg.write_text(TINY.format(name="interrupted", steps=4000, every=5, n=0, storage=tmp_path / "runs"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     with open(tmp_path / "out.txt", "w") as out_f, open(tmp_path / "err.txt", "w") as err_f:
         proc = subprocess.Popen([*CLI, "train", str(cfg)], cwd=tmp_path, env=env, stdout=out_f, stderr=err_f,
                                 text=True, start_new_session=True)
         try:
-            wait_for(lambda: (tmp_path / "runs" / "interrupted" / "step_00000020").exists() or proc.poll() is not None,
+            wait_for(lambda: (tmp_path / "runs" / "interrupted" / "step_00000005").exists() or proc.poll() is not None,
                      240, 0.5, "a checkpoint")
             os.killpg(proc.pid, signal.SIGINT)                             # what a terminal sends
             proc.wait(timeout=60)

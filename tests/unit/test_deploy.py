@@ -3,6 +3,7 @@ the RayCluster/RayJob CRD schemas, plain Kubernetes objects with kubernetes-vali
 Dockerfile with hadolint, the compose file's services, env.example's variables."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -47,8 +48,10 @@ def test_cluster_launcher_yaml_matches_rays_schema(name):
     assert "denoiselab" in config["docker"]["image"]
 
 
+@functools.lru_cache(maxsize=None)
 def _crd_schema(crd_dir: Path, kind: str) -> dict:
-    crd = yaml.safe_load((crd_dir / f"ray.io_{kind.lower()}s.yaml").read_text())
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)               # the CRDs are 1-2 MB of YAML
+    crd = yaml.load((crd_dir / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=loader)
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     return version["schema"]["openAPIV3Schema"]
 
