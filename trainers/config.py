@@ -13,6 +13,7 @@ Method sections live next to their code (``trainers/methods/*``); this module bi
 from __future__ import annotations
 
 import dataclasses
+import re
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -206,6 +207,9 @@ class TrackingConfig:
     system_metrics: bool = False
 
 
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")     # one path component: no '/', no '..' start
+
+
 @dataclass(frozen=True)
 class RunConfig:
     name: Optional[str] = None     # default: derived deterministically from the config
@@ -224,6 +228,9 @@ class RunConfig:
     init_from: Optional[str] = None   # start a NEW run from this checkpoint's weights
 
     def __post_init__(self) -> None:
+        if self.name is not None and not RUN_NAME.match(self.name):
+            raise ConfigError(f"name: {self.name!r} must be 1-128 letters, digits, '_', '-' or '.', starting with a "
+                              f"letter or digit (it names a directory under storage.path)")
         if self.train.batch_size % self.scaling.num_workers:
             raise ConfigError(
                 f"train.batch_size: {self.train.batch_size} is not divisible by "

@@ -179,6 +179,19 @@ def _read_parquet(cfg: RunConfig):
     return ray.data.read_parquet(data_storage.root, filesystem=data_storage.fs, file_extensions=["parquet"])
 
 
+def _check_gpus(cfg: RunConfig, address: Optional[str]) -> None:
+    """``scaling.use_gpu`` on a cluster without GPUs: a local instance never gets one (refused);
+    a remote cluster may scale GPU nodes up from zero (said, then Ray waits for them)."""
+    import ray
+    if not cfg.scaling.use_gpu or ray.cluster_resources().get("GPU", 0) >= 1:
+        return
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        raise ConfigError("scaling.use_gpu: this machine has no GPU that Ray can see; set scaling.use_gpu=false, "
+                          "or run on a GPU cluster with --address")
+    print("denoiselab: the cluster has no GPU yet; Ray Train waits until the autoscaler adds GPU nodes "
+          "(Ctrl-C to stop)", file=sys.stderr)
+
+
 def _check_data_cpus(cfg: RunConfig) -> None:
     """Ray Data's read tasks need a CPU that no training worker holds; when the workers take every
     CPU of the cluster they would never run and training would wait forever."""
@@ -276,6 +289,7 @@ def run_training(req: TrainRequest) -> TrainOutcome:
     connect_ray(req.address)
     num_nodes = _check_cluster(prep.storage)
     _check_data_cpus(prep.cfg)
+    _check_gpus(prep.cfg, req.address)
     run_id, resumed = _start_tracking(prep, req, num_nodes)
     prep.payload["run_id"] = run_id
     prep.storage.write_bytes(dump_yaml(prep.cfg).encode(), prep.name, "denoiselab", "config.yaml")

@@ -20,7 +20,10 @@ def train_local(cfg: RunConfig) -> dict:
     if cfg.storage.path.startswith("s3://") or cfg.data.stored:
         raise ConfigError("--local: runs only with a local storage.path and built-in data; drop --local to use Ray")
     import torch
-    device = "cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
+    if cfg.scaling.use_gpu and not torch.cuda.is_available():
+        raise ConfigError("scaling.use_gpu: torch sees no CUDA device here; set scaling.use_gpu=false (or install "
+                          "a CUDA build of torch on a GPU machine)")
+    device = "cuda" if cfg.scaling.use_gpu else "cpu"
     run_dir = Path(cfg.storage.path) / run_name_for(cfg)
     last = latest_checkpoint(run_dir)
     resume = load_state(last) if last is not None else None

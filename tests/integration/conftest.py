@@ -2,11 +2,13 @@
 and (where a server is the subject) an ``mlflow server`` subprocess. Started and stopped here."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -52,17 +54,16 @@ def list_keys(s3, prefix: str) -> list[str]:
     return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(s3, tmp_path_factory):
-    """``mlflow server`` on sqlite with artifacts proxied to the moto bucket."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+@contextlib.contextmanager
+def running_mlflow_server(root: Path, *args: str, env: Optional[dict] = None):
+    """An ``mlflow server`` subprocess on a free loopback port (sqlite store under ``root``),
+    healthy before it is yielded (its URI), stopped afterwards."""
     port = free_port()
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3["endpoint"]}
     mlflow_bin = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen([str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root}/server.db",
-                             "--artifacts-destination", "s3://denoiselab/mlflow-artifacts",
+    proc = subprocess.Popen([str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root}/server.db", *args,
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
+                            env={**os.environ, **(env or {})}, stdout=open(root / "server.log", "w"),
+                            stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
@@ -80,3 +81,11 @@ def mlflow_server(s3, tmp_path_factory):
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3, tmp_path_factory):
+    """``mlflow server`` on sqlite with artifacts proxied to the moto bucket."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), "--artifacts-destination",
+                               "s3://denoiselab/mlflow-artifacts", env={"MLFLOW_S3_ENDPOINT_URL": s3["endpoint"]}) as uri:
+        yield uri

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import free_port, wait_for
+from tests.integration.conftest import running_mlflow_server
 
 CLI = [sys.executable, "-m", "orchestrator"]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -117,28 +118,9 @@ def auth_mlflow(tmp_path_factory):
     (root / "auth.ini").write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root}/auth.db\n"
                                    "admin_username = admin\nadmin_password = doctor-test-pass-123\n"
                                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    port = free_port()
-    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-secret"}
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--app-name", "basic-auth",
-                             "--backend-store-uri", f"sqlite:///{root}/store.db", "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], env=env,
-                            stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
-    import urllib.request
-
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return False
-    try:
-        wait_for(healthy, 90, 0.5, "mlflow server with basic auth")
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-secret"}
+    with running_mlflow_server(root, "--app-name", "basic-auth", env=env) as uri:
         yield uri
-    finally:
-        proc.terminate()
-        proc.wait(20)
 
 
 @pytest.mark.ray

@@ -103,3 +103,13 @@ def test_stored_data_needs_a_cpu_for_ray_data(local_ray):
     _check_data_cpus(load_config({"data": {"name": "parquet", "path": "/nowhere"},
                                   "scaling": {"num_workers": 2, "cpus_per_worker": (total - 1) / 2}}))
     _check_data_cpus(load_config({"scaling": {"num_workers": 2, "cpus_per_worker": total / 2}}))   # built-in data
+
+
+def test_gpu_requested_on_a_local_instance_without_gpus_is_refused(local_ray):
+    from orchestrator.runs.driver import _check_gpus
+    from trainers.errors import ConfigError
+    if local_ray.cluster_resources().get("GPU", 0):
+        pytest.skip("the local instance has GPUs")
+    with pytest.raises(ConfigError, match="scaling.use_gpu: this machine has no GPU that Ray can see"):
+        _check_gpus(load_config({"scaling": {"use_gpu": True}}), None)
+    _check_gpus(load_config({"scaling": {"use_gpu": False}}), None)
