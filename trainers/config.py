@@ -207,7 +207,7 @@ class TrackingConfig:
     system_metrics: bool = False
 
 
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")     # one path component: no '/', no '..' start
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")     # one path component: no '/', no '..' start
 
 
 @dataclass(frozen=True)
@@ -229,7 +229,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.name is not None and not RUN_NAME.match(self.name):
-            raise ConfigError(f"name: {self.name!r} must be 1-128 letters, digits, '_', '-' or '.', starting with a "
+            raise ConfigError(f"name: {self.name!r} must be 1-128 letters, digits, '_', '-', '+' or '.', starting with a "
                               f"letter or digit (it names a directory under storage.path)")
         if self.train.batch_size % self.scaling.num_workers:
             raise ConfigError(

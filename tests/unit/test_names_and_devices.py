@@ -16,7 +16,7 @@ def test_run_names_that_would_escape_or_hide_are_refused(name):
         load_config({"name": name})
 
 
-@pytest.mark.parametrize("name", ["quickstart", "run-1.2_b", "meme-digits-expert0", "quickstart-r2", "A" * 128])
+@pytest.mark.parametrize("name", ["quickstart", "run-1.2_b", "meme-digits-expert0", "quickstart-r2", "m-dtr+ant-uw", "A" * 128])
 def test_ordinary_run_names_pass(name):
     assert load_config({"name": name}).name == name
 
