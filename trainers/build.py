@@ -20,7 +20,7 @@ from trainers.methods import BuildContext, Intervals, Plan, compose, resolve_int
 from trainers.models import build_model, model_spec, spec_to_dict
 from trainers.weights import load_backbone
 
-__all__ = ["resolve_run_intervals", "build_diffusion", "build_network", "build_context", "load_affinity",
+__all__ = ["resolve_run_intervals", "resume_check", "build_diffusion", "build_network", "build_context", "load_affinity",
            "build_all", "network_from_state", "expert_set_from_state"]
 
 
@@ -76,6 +76,18 @@ def build_network(cfg: RunConfig, *, image_size: int, channels: int, num_classes
     for transform in plan.transforms:
         model = transform.apply(model, ctx)
     return model, spec_to_dict(spec)
+
+
+def resume_check(cfg: RunConfig, *, image_size: int, channels: int, num_classes: int):
+    """``check(state, label)`` for :func:`trainers.checkpoint.first_usable`: refuses another
+    model's checkpoint (a different spec) before the loop would."""
+    from trainers.checkpoint import check_compatible
+    spec = spec_to_dict(model_spec(cfg.model, image_size=image_size, channels=channels, num_classes=num_classes,
+                                   learn_sigma=cfg.diffusion.learn_sigma))
+
+    def check(state: dict, label: str) -> None:
+        check_compatible(state, spec, label)
+    return check
 
 
 def build_all(cfg: RunConfig, *, image_size: int, channels: int, num_classes: int, world_size: int = 1,

@@ -193,11 +193,27 @@ class ScalingConfig:
             raise ConfigError("scaling.num_workers: must be >= 1")
 
 
+_USERINFO = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s]*:[^/@\s]*@")
+
+
+def check_no_password(uri: Optional[str], field_name: str) -> None:
+    """A password inside a URI would be copied into params, logs and Ray's records: refused."""
+    if isinstance(uri, str) and _USERINFO.match(uri):
+        raise ConfigError(f"{field_name}: contains a user:password; remove it and set MLFLOW_TRACKING_USERNAME / "
+                          f"MLFLOW_TRACKING_PASSWORD (or AWS credentials) in the environment instead")
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     path: str = "./runs"           # local directory or s3://bucket/prefix
     endpoint: Optional[str] = None # S3-compatible endpoint, e.g. http://127.0.0.1:9000
     region: Optional[str] = None
+    retry_seconds: float = 900.0   # an unreachable store: checkpoint uploads retry this long (training goes on)
+
+    def __post_init__(self) -> None:
+        if not self.retry_seconds >= 0:
+            raise ConfigError("storage.retry_seconds: must be >= 0 (seconds a checkpoint upload keeps retrying)")
+        check_no_password(self.endpoint, "storage.endpoint")
 
 
 @dataclass(frozen=True)
@@ -205,6 +221,13 @@ class TrackingConfig:
     uri: Optional[str] = None      # default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     experiment: str = "denoiselab"
     system_metrics: bool = False
+    retry_seconds: float = 300.0   # an unreachable server: metrics wait in memory this long, then go to the spool
+
+    def __post_init__(self) -> None:
+        if not self.retry_seconds >= 0:
+            raise ConfigError("tracking.retry_seconds: must be >= 0 (seconds metrics wait for the server "
+                              "before they are spooled to storage)")
+        check_no_password(self.uri, "tracking.uri")
 
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")     # one path component: no '/', no '..' start

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 from orchestrator.infra.storage import Storage, StorageError, open_storage
-from trainers.checkpoint import STATE_FILE, state_from_bytes
+from trainers.checkpoint import CHECKSUM_FILE, STATE_FILE, first_usable, state_from_bytes
 from trainers.errors import CheckpointError
 from trainers.weights import backbone_weights
 
 __all__ = ["CheckpointRef", "resolve_checkpoint", "latest_step", "read_checkpoint", "read_base", "base_reference",
-           "complete_state", "sha256", "EXPERT_SET_MANIFEST", "read_expert_set"]
+           "complete_state", "sha256", "EXPERT_SET_MANIFEST", "read_expert_set", "read_state", "resume_candidates",
+           "newest_usable"]
 
 EXPERT_SET_MANIFEST = ("denoiselab", "experts.json")     # <storage>/<set>/denoiselab/experts.json (MEME)
 
@@ -36,6 +37,51 @@ class CheckpointRef:
 
     def payload(self) -> dict:
         return {"storage": self.storage.uri, "parts": list(self.parts), "uri": self.uri}
+
+
+def read_state(storage: Storage, *parts: str) -> dict:
+    """``parts`` -> a ``state.pt`` under ``storage``, verified against its ``state.pt.sha256``
+    when one was written beside it."""
+    uri = storage.uri_of(*parts)
+    try:
+        data = storage.read_bytes(*parts)
+    except FileNotFoundError:
+        raise CheckpointError(f"{uri}: checkpoint file is missing") from None
+    checksum = None
+    if parts[-1] == STATE_FILE and storage.exists(*parts[:-1], CHECKSUM_FILE):
+        checksum = storage.read_bytes(*parts[:-1], CHECKSUM_FILE).decode(errors="replace")
+    return state_from_bytes(data, uri, checksum)
+
+
+def resume_candidates(storage: Storage, run_name: str, also: Optional[str] = None) -> list:
+    """The run's stored checkpoints (plus ``also``, Ray Train's latest), newest first, as
+    :func:`trainers.checkpoint.first_usable` candidates.
+
+    Storage, not Ray's snapshot, decides: a checkpoint whose upload completed but whose report
+    never reached Ray's controller (it died first) is still the newest state, and its metrics were
+    already sent to MLflow - resuming from an older one would log those steps twice."""
+    steps = {d for d in storage.listdir(run_name) if d.startswith("step_")}
+    if also:
+        steps.add(also)
+    return [(step, lambda step=step: read_state(storage, run_name, step, STATE_FILE))
+            for step in sorted(steps, reverse=True)]
+
+
+def newest_usable(storage: Storage, run_name: str, also: Optional[str], check, warn) -> tuple[Optional[dict], list]:
+    """(state, skipped): the state a resume continues from - the newest stored checkpoint that
+    verifies, loads and passes ``check`` - and the damaged ones skipped on the way (each reported
+    through ``warn``). ``(None, [])`` when the run has no checkpoint at all."""
+    candidates = resume_candidates(storage, run_name, also)
+    if not candidates:
+        return None, []
+    state, skipped = first_usable(candidates, check, warn)
+    if state is None:
+        raise CheckpointError(f"{storage.uri_of(run_name)}: none of its checkpoints is usable "
+                              f"({', '.join(skipped)}); start a new run with --restart")
+    if skipped:
+        warn(f"denoiselab: resuming {run_name} from step {state.get('step')} (skipped damaged "
+             f"{', '.join(skipped)})")
+    return state, skipped
 
 
 def latest_step(storage: Storage, run_name: str) -> Optional[str]:
@@ -109,7 +155,7 @@ def read_checkpoint(ref: CheckpointRef, complete: bool = True) -> dict:
     expert set as one state holding every expert (``kind: expert_set``)."""
     if ref.parts[-len(EXPERT_SET_MANIFEST):] == EXPERT_SET_MANIFEST:
         return read_expert_set(ref)
-    state = state_from_bytes(ref.storage.read_bytes(*ref.parts), ref.uri)
+    state = read_state(ref.storage, *ref.parts)
     return complete_state(state, ref.storage.endpoint) if complete else state
 
 

@@ -13,15 +13,18 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
-from orchestrator.infra.checkpoints import base_reference, resolve_checkpoint
+from orchestrator.infra.checkpoints import base_reference, latest_step, resolve_checkpoint
 from orchestrator.infra.config_io import dump_yaml
 from orchestrator.infra.data_io import check_kind, read_metadata, run_geometry
 from orchestrator.infra.latents import load_decoder
 from orchestrator.infra.session import durable_path
 from orchestrator.infra.session import connect_ray
 from orchestrator.infra.storage import Storage, StorageError, open_storage
-from orchestrator.infra.tracking import (check_tracking, ensure_experiment, find_or_create_run, log_params,
-                                   resolve_tracking_uri)
+from orchestrator.infra.patient_fs import patient
+from orchestrator.infra.retry import Backoff, first_line, retry_call
+from orchestrator.infra.tracking import (STORAGE_TAG, MetricSpool, check_tracking, ensure_experiment,
+                                         find_or_create_run, log_params, quick_http_failures, replay_spool,
+                                         resolve_tracking_uri)
 from trainers.build import build_context, load_affinity, resolve_run_intervals
 from trainers.config import RunConfig, load_config, run_name_for
 from trainers.configlib import flatten
@@ -108,6 +111,7 @@ def prepare_run(req: TrainRequest) -> PreparedRun:
     storage = open_storage(cfg.storage.path, cfg.storage.endpoint, cfg.storage.region)
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     check_tracking(tracking_uri)
+    ensure_experiment(tracking_uri, cfg.tracking.experiment)      # refused credentials: one line, before Ray
     name = run_name_for(cfg)
     if req.restart:
         name = _restart_name(storage, name)
@@ -213,21 +217,30 @@ def _check_cluster(storage: Storage) -> int:
     return len(nodes)
 
 
-def _start_tracking(prep: PreparedRun, req: TrainRequest, num_nodes: int) -> tuple[str, bool]:
+def _start_tracking(prep: PreparedRun, req: TrainRequest, num_nodes: int, fresh: bool) -> tuple[str, bool]:
     cfg = prep.cfg
     exp = ensure_experiment(prep.tracking_uri, cfg.tracking.experiment)
-    tags = {"denoiselab.storage_uri": prep.storage.uri_of(prep.name), "denoiselab.cluster_nodes": str(num_nodes),
+    tags = {STORAGE_TAG: prep.storage.uri_of(prep.name), "denoiselab.cluster_nodes": str(num_nodes),
             "denoiselab.workers": str(cfg.scaling.num_workers)}
     commit = _git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    run_id, resumed = find_or_create_run(prep.tracking_uri, exp, prep.name, tags, req.parent_run_id)
+    run_id, resumed = find_or_create_run(prep.tracking_uri, exp, prep.name, tags, req.parent_run_id, fresh=fresh)
+    _replay(prep, "from an earlier outage")
     params = flatten(cfg.to_dict())
     params.update({f"plan.{k}": v for k, v in prep.plan.items()})
     params.update({f"cost.{k}": v for k, v in _cost(cfg, prep.payload.get("data_meta")).items()})
     params["intervals.resolved"] = str(Intervals.from_list(prep.payload["intervals"]).pairs())
     log_params(prep.tracking_uri, run_id, params)
     return run_id, resumed
+
+
+def _replay(prep: PreparedRun, what: str) -> None:
+    """Metric points spooled to the run's storage while the tracking server was away."""
+    spool = MetricSpool(prep.storage, prep.name)
+    if spool.files():
+        sent = replay_spool(spool, prep.tracking_uri)
+        print(f"denoiselab: {sent} spooled metric points {what} replayed into the run", file=sys.stderr)
 
 
 def _cost(cfg: RunConfig, data_meta: Optional[dict]) -> dict:
@@ -252,9 +265,12 @@ def _trainer(prep: PreparedRun, callbacks: tuple = ()):
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources,
                                      placement_strategy=sc.placement_strategy),
         run_config=RunConfig(name=prep.name, storage_path=prep.storage.root,
-                             storage_filesystem=prep.storage.fs if prep.storage.is_remote else None,
+                             storage_filesystem=(patient(prep.storage.fs, prep.cfg.storage.retry_seconds)
+                                                 if prep.storage.is_remote else None),
                              failure_config=FailureConfig(max_failures=sc.max_failures),
                              callbacks=list(callbacks) or None,
+                             # which run a worker process belongs to, for `ps e` and fault tests
+                             worker_runtime_env={"env_vars": {"DENOISELAB_RUN": prep.name}},
                              checkpoint_config=CheckpointConfig(num_to_keep=prep.cfg.train.keep_checkpoints),
                              logging_config=train_logging()))
 
@@ -283,14 +299,27 @@ def _user_error_in(err: BaseException) -> Optional[UserError]:
     return None
 
 
+def _storage_outage_in(err: BaseException, prep: PreparedRun) -> Optional[UserError]:
+    """Ray Train's controller gave up writing its state to storage (an outage longer than
+    ``storage.retry_seconds``): one line instead of Ray's report."""
+    text = str(err)
+    if "AWS Error" not in text and "S3 error" not in text:
+        return None
+    detail = next(line.strip() for line in text.splitlines() if "AWS Error" in line or "S3 error" in line)
+    return StorageError(f"storage.path: {prep.storage.uri} stayed unreachable for longer than storage.retry_seconds="
+                        f"{prep.cfg.storage.retry_seconds:g} ({first_line(RuntimeError(detail))}); the run stops here - "
+                        f"re-run the same command to resume from its last stored checkpoint")
+
+
 def run_training(req: TrainRequest) -> TrainOutcome:
+    quick_http_failures()                            # MLflow calls fail in seconds; retries are ours
     prep = prepare_run(req)
-    resumed_storage = prep.storage.exists(prep.name, SNAPSHOT)
+    resumed_storage = prep.storage.exists(prep.name, SNAPSHOT) or latest_step(prep.storage, prep.name) is not None
     connect_ray(req.address)
     num_nodes = _check_cluster(prep.storage)
     _check_data_cpus(prep.cfg)
     _check_gpus(prep.cfg, req.address)
-    run_id, resumed = _start_tracking(prep, req, num_nodes)
+    run_id, resumed = _start_tracking(prep, req, num_nodes, fresh=not resumed_storage)
     prep.payload["run_id"] = run_id
     prep.storage.write_bytes(dump_yaml(prep.cfg).encode(), prep.name, "denoiselab", "config.yaml")
     if not req.quiet:
@@ -304,28 +333,46 @@ def run_training(req: TrainRequest) -> TrainOutcome:
     except (KeyboardInterrupt, SystemExit) as err:
         # Ray Train installs its own SIGINT handler during fit(): it aborts the run and exits the
         # process (code 1, no message). Either way the run was interrupted: mark it and say so.
-        client.set_terminated(run_id, "KILLED")
+        _bookkeeping(lambda: client.set_terminated(run_id, "KILLED"), prep.cfg, "marking the run KILLED")
         if isinstance(err, SystemExit) and err.code not in (0, 1, None):
             raise
         raise KeyboardInterrupt from None
     except Exception as err:  # noqa: BLE001 - report the user's mistake in one line when there is one
-        client.set_terminated(run_id, "FAILED")
-        user = _user_error_in(err)
+        _bookkeeping(lambda: client.set_terminated(run_id, "FAILED"), prep.cfg, "marking the run FAILED")
+        user = _user_error_in(err) or _storage_outage_in(err, prep)
         if user is not None:
             raise user from None
         raise
     checkpoint_uri = None
     if result.checkpoint is not None:
         checkpoint_uri = prep.storage.uri_of(prep.name, os.path.basename(result.checkpoint.path.rstrip("/")))
-        client.set_tag(run_id, "checkpoint.final", checkpoint_uri)
-    if req.register and checkpoint_uri:
-        register_checkpoint(client, req.register, run_id, checkpoint_uri, dump_yaml(prep.cfg))
-    log_stage_plot(client, run_id, prep.storage, prep.name)       # runs with a pacer only
-    client.set_terminated(run_id, "FINISHED")
-    from orchestrator.jobs.evaluation import final_eval_metrics
-    metrics = {**dict(result.metrics or {}), **final_eval_metrics(client, run_id)}
+    metrics = dict(result.metrics or {})
+
+    def finish() -> None:
+        if checkpoint_uri:
+            client.set_tag(run_id, "checkpoint.final", checkpoint_uri)
+        if req.register and checkpoint_uri:
+            register_checkpoint(client, req.register, run_id, checkpoint_uri, dump_yaml(prep.cfg))
+        log_stage_plot(client, run_id, prep.storage, prep.name)       # runs with a pacer only
+        _replay(prep, "held by the workers during an outage")
+        client.set_terminated(run_id, "FINISHED")
+        from orchestrator.jobs.evaluation import final_eval_metrics
+        metrics.update(final_eval_metrics(client, run_id))
+    _bookkeeping(finish, prep.cfg, "recording the end of the run")
     return TrainOutcome(prep.name, run_id, prep.tracking_uri, checkpoint_uri, resumed_storage,
                         prep.storage.uri_of(prep.name), metrics)
+
+
+def _bookkeeping(fn, cfg: RunConfig, what: str) -> None:
+    """MLflow calls after training: retried through a tracking outage for up to
+    ``tracking.retry_seconds``, then a warning - the checkpoints are in storage either way."""
+    from mlflow.exceptions import MlflowException
+    try:
+        retry_call(fn, Backoff(budget=cfg.tracking.retry_seconds), f"{what} in MLflow",
+                   transient=(OSError, MlflowException))
+    except (OSError, MlflowException) as err:
+        print(f"denoiselab: {what} in MLflow failed ({first_line(err)}); the run's checkpoints are in storage, "
+              f"re-run the command later to record it", file=sys.stderr)
 
 
 def _ray_logs() -> str:

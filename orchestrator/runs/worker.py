@@ -10,23 +10,25 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from typing import Any, Optional
 
 import torch
 
-from orchestrator.infra.checkpoints import complete_state, read_base
+from orchestrator.infra.checkpoints import complete_state, newest_usable, read_base
 from orchestrator.infra.data_io import decode_batch
 from orchestrator.infra.latents import draw_latents
 from orchestrator.infra.storage import open_storage
-from orchestrator.infra.tracking import NullTracker, WorkerTracker
+from orchestrator.infra.tracking import MetricSpool, NullTracker, WorkerTracker, points_from_jsonl
 from orchestrator.runs.reporter import RayReporter
 from orchestrator.runs.runtime import ray_runtime
-from trainers.checkpoint import load_state, state_from_bytes
+from trainers.build import resume_check
+from trainers.checkpoint import METRICS_FILE, state_from_bytes
 from trainers.config import load_config
 from trainers.data import training_batches
 from trainers.loop import train
 from trainers.methods import Intervals
-from trainers.reporting import ProgressLine
+from trainers.reporting import ProgressLine, checkpoint_dir_name
 
 __all__ = ["train_loop_per_worker", "RayDataBatches", "LatentBatches"]
 
@@ -108,13 +110,29 @@ def _batches(cfg, payload: dict, rank: int, world: int):
     return RayDataBatches(shard, payload["data_meta"], cfg.local_batch_size)
 
 
-def _resume_state() -> Optional[dict]:
+def _resume_state(cfg, storage, run_name: str, batches, loud: bool) -> tuple[Optional[dict], list]:
+    """The newest stored checkpoint of this run that verifies (``infra/checkpoints.py``); a damaged
+    one (truncated, missing, another model's) is skipped for the one before it."""
     import ray.train                                                      # RAY
-    checkpoint = ray.train.get_checkpoint()                               # RAY
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as directory:
-        return load_state(directory)
+    checkpoint = ray.train.get_checkpoint()                               # RAY: a hint; storage decides
+    ray_latest = os.path.basename(checkpoint.path.rstrip("/")) if checkpoint is not None else None
+    check = resume_check(cfg, image_size=batches.image_size, channels=batches.channels,
+                         num_classes=batches.num_classes)
+    return newest_usable(storage, run_name, ray_latest, check,
+                         warn=lambda line: print(line, file=sys.stderr, flush=True) if loud else None)
+
+
+def stored_points(storage, run_name: str, up_to: int) -> list:
+    """The metric points stored with the run's checkpoints up to step ``up_to``. Re-sending them
+    on resume is idempotent (MLflow keeps one copy of an identical point) and fills the gap a
+    worker leaves when it dies between storing a checkpoint and sending its metrics."""
+    points = []
+    for step in storage.listdir(run_name):
+        if step.startswith("step_") and step <= checkpoint_dir_name(up_to) and storage.exists(run_name, step,
+                                                                                                METRICS_FILE):
+            points += [(p["key"], float(p["value"]), int(p["timestamp"]), int(p["step"]))
+                       for p in points_from_jsonl(storage.read_bytes(run_name, step, METRICS_FILE))]
+    return points
 
 
 def _initial_weights(cfg, payload: dict, resume: Optional[dict]) -> tuple[Optional[dict], Optional[dict]]:
@@ -151,19 +169,29 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(payload.get("threads", 1))))
     cfg = load_config(payload["config"])
     runtime = ray_runtime()
+    run_name = payload["run_name"]
     storage = open_storage(cfg.storage.path, cfg.storage.endpoint, cfg.storage.region)
-    tracker = (WorkerTracker(payload["tracking_uri"], payload["run_id"], cfg.tracking.system_metrics)
+    batches = DataAudit(_batches(cfg, payload, runtime.rank, runtime.world_size))
+    resume, skipped = _resume_state(cfg, storage, run_name, batches, runtime.is_main)
+    tracker = (WorkerTracker(payload["tracking_uri"], payload["run_id"], cfg.tracking.system_metrics,
+                             committed=int(resume["step"]) if resume else 0, spool=MetricSpool(storage, run_name),
+                             retry_seconds=cfg.tracking.retry_seconds)
                if runtime.is_main else NullTracker())
+    if skipped:            # steps re-trained past a damaged checkpoint were logged before: not again
+        tracker.committed = max(tracker.committed, tracker.logged_step())
+    if resume is not None and runtime.is_main:          # a restart (worker or node lost, re-run): say so
+        print(f"denoiselab: {run_name} resumes from step {resume['step']}", file=sys.stderr, flush=True)
+        tracker.tag("denoiselab.resumed_from_step", str(resume["step"]))
+        tracker.send(stored_points(storage, run_name, int(resume["step"])))
     progress = ProgressLine(cfg.train.steps, every=1) if runtime.is_main else None
     evaluator = None
     if runtime.is_main and cfg.eval.n > 0 and payload.get("evaluate", True):
         from orchestrator.jobs.evaluation import AsyncEvaluator
-        evaluator = AsyncEvaluator(cfg, payload["tracking_uri"], payload["run_id"], storage, payload["run_name"],
+        evaluator = AsyncEvaluator(cfg, payload["tracking_uri"], payload["run_id"], storage, run_name,
                                    decoder=payload.get("decoder"))
-    reporter = RayReporter(tracker, storage, payload["run_name"], runtime.is_main, progress, evaluator)
-    resume = _resume_state()
+    reporter = RayReporter(tracker, storage, run_name, runtime.is_main, progress, evaluator,
+                           retry_seconds=cfg.storage.retry_seconds)
     init, base_ref = _initial_weights(cfg, payload, resume)
-    batches = DataAudit(_batches(cfg, payload, runtime.rank, runtime.world_size))
     train(cfg, runtime, reporter, batches, resume=resume, init=init, base_ref=base_ref,
           intervals=Intervals.from_list(payload["intervals"]))
-    batches.write(storage, payload["run_name"], runtime.rank)
+    batches.write(storage, run_name, runtime.rank)

@@ -44,7 +44,8 @@ def local_ray(s3):
     if ray.is_initialized():
         ray.shutdown()
     from orchestrator.infra.session import worker_env
-    ray.init(num_cpus=4, runtime_env={"env_vars": worker_env()}, logging_level="ERROR", include_dashboard=True)
+    ray.init(address="local", num_cpus=4, runtime_env={"env_vars": worker_env()}, logging_level="ERROR",
+             include_dashboard=True)
     yield ray
     ray.shutdown()
 
@@ -54,33 +55,57 @@ def list_keys(s3, prefix: str) -> list[str]:
     return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
 
 
+class MlflowServer:
+    """An ``mlflow server`` subprocess on a fixed loopback port (sqlite store under ``root``) that a
+    test can stop and start again on the same port (the store survives: an outage, not a reset)."""
+
+    def __init__(self, root: Path, *args: str, env: Optional[dict] = None):
+        self.root, self.args, self.env = root, args, env or {}
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: Optional[subprocess.Popen] = None
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.uri + "/health", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def start(self) -> "MlflowServer":
+        mlflow_bin = Path(sys.executable).with_name("mlflow")
+        self.proc = subprocess.Popen([str(mlflow_bin), "server", "--backend-store-uri",
+                                      f"sqlite:///{self.root}/server.db", *self.args, "--host", "127.0.0.1",
+                                      "--port", str(self.port), "--workers", "1"],
+                                     env={**os.environ, **self.env}, stdout=open(self.root / "server.log", "a"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self.healthy, 90, 0.25, "mlflow server")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        import signal
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)          # the server and its uvicorn worker
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        self.proc = None
+        wait_for(lambda: not self.healthy(), 10, 0.2, "mlflow server to stop")
+
+
 @contextlib.contextmanager
 def running_mlflow_server(root: Path, *args: str, env: Optional[dict] = None):
     """An ``mlflow server`` subprocess on a free loopback port (sqlite store under ``root``),
     healthy before it is yielded (its URI), stopped afterwards."""
-    port = free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen([str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root}/server.db", *args,
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            env={**os.environ, **(env or {})}, stdout=open(root / "server.log", "w"),
-                            stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return False
+    server = MlflowServer(root, *args, env=env)
     try:
-        wait_for(healthy, 90, 0.5, "mlflow server")
-        yield uri
+        yield server.start().uri
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()
 
 
 @pytest.fixture(scope="session")

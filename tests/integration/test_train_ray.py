@@ -1,18 +1,15 @@
 """Training through Ray Train on a real local Ray instance: 2 gloo workers, S3 checkpoints on a
-moto server, MLflow on sqlite and on a real ``mlflow server``, recovery from a killed worker."""
+moto server, MLflow on sqlite and on a real ``mlflow server``. (A killed worker, a lost node and
+storage/tracking outages: test_search.py, test_multinode.py, test_faults.py.)"""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.runs.driver import TrainRequest, run_training
-from orchestrator.infra.storage import open_storage
-from tests.helpers import ray_run_dict, wait_for
+from tests.helpers import ray_run_dict
 from tests.integration.conftest import list_keys
 from trainers.checkpoint import state_from_bytes
 from trainers.config import load_config
@@ -45,34 +42,6 @@ def test_two_gloo_workers_local_storage(local_ray, tmp_path):
     assert run.data.params["train.steps"] == "40" and run.data.params["plan.methods"] == "vanilla"
     assert run.data.tags["checkpoint.final"].endswith("two-workers/step_00000040")
     assert run.info.status == "FINISHED"
-
-
-def test_worker_killed_mid_run_recovers_from_s3(local_ray, s3, tmp_path):
-    import ray.util.state
-    cfg = load_config(ray_run_dict(name="killed-worker", train={"steps": 60, "checkpoint_every": 10},
-                                  scaling={"num_workers": 2, "max_failures": 2},
-                                  storage={"path": "s3://denoiselab/ft", "endpoint": s3["endpoint"]},
-                                  tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "ft"}))
-    killed: list[int] = []
-
-    def killer() -> None:
-        wait_for(lambda: any(k.endswith("step_00000020/state.pt") for k in list_keys(s3, "ft/killed-worker/")),
-                 120, 0.2, "second checkpoint")
-        actors = ray.util.state.list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-        pid = max(a.pid for a in actors)
-        os.kill(pid, signal.SIGKILL)                                     # a real kill of a worker process
-        killed.append(pid)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    out = run_training(TrainRequest(cfg, quiet=True))
-    thread.join(5)
-    assert killed, "the worker was never killed"
-    storage = open_storage("s3://denoiselab/ft", s3["endpoint"])
-    final = state_from_bytes(storage.read_bytes("killed-worker", "step_00000060", "state.pt"))
-    assert final["step"] == 60
-    steps = [m.step for m in _history(out.tracking_uri, out.run_id)]
-    assert sorted(steps) == list(range(5, 61, 5)), "MLflow loss history must have no gaps and no duplicates"
 
 
 def test_mlflow_server_with_proxied_artifacts(local_ray, s3, mlflow_server, tmp_path):
