@@ -24,7 +24,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from orchestrator.infra.storage import Storage, open_storage
+from orchestrator.infra.storage import ENDPOINT_VARS, Storage, open_storage
 from orchestrator.infra.tracking import check_tracking, ensure_experiment, find_or_create_run, log_params, \
     resolve_tracking_uri
 from search.config import StudyConfig, StudyError, base_run_dict, fingerprint, reports_per_trial
@@ -238,8 +238,20 @@ def _trainable(prep: PreparedStudy, parent_id: str):
     return tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
 
 
+def _keep_credentials_out_of_tune() -> None:
+    """Tune copies the driver's AWS credentials into every trial's runtime environment
+    (``ray/tune/execution/class_cache.py``, ``ENV_VARS_TO_PROPAGATE``), and Ray writes runtime
+    environments, values included, to ``runtime_env_agent.log``. denoiselab never sends
+    credentials through Ray (``orchestrator/infra/session.py``): trials inherit them from the
+    local instance's environment, cluster nodes have their own."""
+    from ray.tune.execution import class_cache                             # RAY: module-level set, read per call
+    class_cache.ENV_VARS_TO_PROPAGATE = {v for v in class_cache.ENV_VARS_TO_PROPAGATE
+                                         if not v.startswith("AWS_") or v in ENDPOINT_VARS}
+
+
 def _tuner(prep: PreparedStudy, parent_id: str, concurrency: int):
     from ray import tune                                                   # RAY
+    _keep_credentials_out_of_tune()
     study, fs = prep.study, (prep.storage.fs if prep.storage.is_remote else None)
     trainable = _trainable(prep, parent_id)
     if tune.Tuner.can_restore(prep.tune_path, storage_filesystem=fs):

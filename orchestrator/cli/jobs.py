@@ -16,16 +16,14 @@ import sys
 import time
 from typing import Optional
 
+from orchestrator.infra.storage import ENDPOINT_VARS, SECRET_VARS
 from trainers.errors import UserError
 
 __all__ = ["register", "job_env", "entrypoint_for", "SUBMITTABLE"]
 
 SUBMITTABLE = ("train", "search", "experts", "sample", "evaluate", "affinity", "data")
-PLAIN_VARS = ("MLFLOW_TRACKING_URI", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-              "MLFLOW_S3_ENDPOINT_URL", "DENOISELAB_CACHE", "DENOISELAB_INCEPTION", "DENOISELAB_EVAL_TIMEOUT_S",
-              "DENOISELAB_HOME")
-SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
-               "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+PLAIN_VARS = ("MLFLOW_TRACKING_URI", *ENDPOINT_VARS, "DENOISELAB_CACHE", "DENOISELAB_INCEPTION",
+              "DENOISELAB_EVAL_TIMEOUT_S", "DENOISELAB_HOME")
 
 
 def register(sub) -> None:
@@ -89,7 +87,7 @@ def entrypoint_for(command: list[str]) -> str:
 
 
 def job_env(forward_secrets: bool) -> dict[str, str]:
-    names = PLAIN_VARS + (SECRET_VARS if forward_secrets else ())
+    names = PLAIN_VARS + (tuple(v for v in SECRET_VARS if v != "RAY_AUTH_TOKEN") if forward_secrets else ())
     env = {k: os.environ[k] for k in names if os.environ.get(k)}
     env["DENOISELAB_IN_JOB"] = "1"
     return env

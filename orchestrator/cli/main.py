@@ -70,10 +70,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.verbose = args.verbose or "--verbose" in flags
     if args.verbose:
         os.environ["DENOISELAB_VERBOSE"] = "1"
-    else:                                                   # before anything imports ray.data
-        from pathlib import Path
-        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG",
-                              str(Path(__file__).resolve().parents[1] / "infra" / "ray_data_logging.yaml"))
+    from orchestrator.infra.session import quiet_ray_data
+    quiet_ray_data()                                        # before anything imports ray.data
     import logging
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -26,10 +26,24 @@ def _cmd_train(args) -> int:
         return 0
     from orchestrator.runs.driver import TrainRequest, config_for_resume, run_training
     if args.resume:
+        _check_resume_overrides(args.resume, args.overrides)
         cfg = config_for_resume(args.resume, cfg.replace(name=args.resume))
     outcome = run_training(TrainRequest(cfg, address=args.address, restart=args.restart, register=args.register))
     _print_summary(outcome, cfg.storage.endpoint)
     return 0
+
+
+WHERE_IT_RUNS = ("storage.", "tracking.", "scaling.")
+
+
+def _check_resume_overrides(run: str, overrides: list[str]) -> None:
+    """``--resume`` continues a run with its stored config; only where it runs may change."""
+    changed = [o.partition("=")[0].strip() for o in overrides if not o.strip().startswith(WHERE_IT_RUNS)]
+    if changed:
+        from trainers.errors import ConfigError
+        raise ConfigError(f"--resume {run}: continues the run with its stored config, so --set {changed[0]} cannot "
+                          f"apply (only storage.*, tracking.* and scaling.* may change); drop it, or start a new "
+                          f"run from the changed config with --restart")
 
 
 def _print_summary(o, endpoint=None) -> None:

@@ -14,14 +14,19 @@ __all__ = ["read_yaml", "load_run_config", "dump_yaml"]
 
 def read_yaml(path: str) -> dict:
     p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{path}: config file not found")
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found" if not p.exists() else f"{path}: not a file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file (byte {err.start} is not UTF-8); give a YAML config") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+        problem = str(getattr(err, "problem", None) or err).strip().splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return data

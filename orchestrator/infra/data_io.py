@@ -143,7 +143,7 @@ def from_npz(path: str) -> ArrayDataset:
 
 def from_image_folder(path: str) -> ArrayDataset:
     """Images in ``path`` (unlabelled) or in ``path/<class>/`` subfolders (labelled, sorted names)."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"{path}: not a directory of images")
@@ -155,8 +155,12 @@ def from_image_folder(path: str) -> ArrayDataset:
         raise DataError(f"{path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     arrays, first = [], None
     for f, _ in files:
-        with Image.open(f) as im:
-            arr = np.asarray(im.convert("RGB"))
+        try:
+            with Image.open(f) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+            raise DataError(f"{f}: not a readable image ({type(err).__name__}); remove or replace the file "
+                            f"(nothing was written)") from None
         if first is None:
             first = (f, arr.shape)
         if arr.shape != first[1]:

@@ -96,10 +96,15 @@ class EncoderPayload:
 
 
 def _read_weights(weights: Path) -> dict:
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(weights))
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    """Tensors only: safetensors, or ``torch.load(weights_only=True)`` (no pickled code runs)."""
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(weights))
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - unpickling and format errors share no base class
+        raise DataError(f"encoder weights {weights}: cannot be read as tensors ({type(err).__name__}); give "
+                        f"safetensors or a plain state dict (pickled objects are refused)") from None
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 

@@ -1,8 +1,11 @@
 """The Ray session of a denoiselab command: connect (or start a local instance) with the
 environment every node needs.
 
-* ``worker_env()``: credentials and endpoints forwarded to every node through Ray's runtime
-  environment (values are never logged).
+* ``worker_env()``: endpoints and settings forwarded to every node through Ray's runtime
+  environment. Never credentials: Ray writes the runtime environment, values included, to its
+  log files (``runtime_env_agent.log``) and shows it in the dashboard. A local instance inherits
+  this process's environment; cluster nodes get credentials from instance roles, the
+  environment ``ray start`` ran in, or the Kubernetes secret in ``deploy/``.
 * ``connect_ray(address)``: ``None`` starts a new local instance (never attaching to whatever a
   ``ray start`` left behind) with its dashboard on a known port, and points the State API at it, so
   Train V2's placement-group cleaner never guesses among several local Ray instances (it gives up,
@@ -17,10 +20,10 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
 
-from orchestrator.infra.storage import CREDENTIAL_VARS
+from orchestrator.infra.storage import ENDPOINT_VARS
 from trainers.errors import UserError
 
-__all__ = ["worker_env", "connect_ray", "check_reachable", "detect_auth_mode", "in_ray_job", "durable_path"]
+__all__ = ["worker_env", "connect_ray", "quiet_ray_data", "check_reachable", "detect_auth_mode", "in_ray_job", "durable_path"]
 
 DEFAULT_PORTS = {"ray": 10001, "http": 8265, "https": 443, "": 6379}
 
@@ -75,11 +78,18 @@ def durable_path(path: str, what: str) -> str:
 
 
 def worker_env() -> dict[str, str]:
-    """Variables every node needs: credentials and endpoints (values never logged)."""
-    names = CREDENTIAL_VARS + ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "DENOISELAB_CACHE", "DENOISELAB_INCEPTION",
+    """Variables every node needs - endpoints and settings, no secrets (Ray logs these)."""
+    names = ENDPOINT_VARS + ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "DENOISELAB_CACHE", "DENOISELAB_INCEPTION",
                                "DENOISELAB_EVAL_TIMEOUT_S", "RAY_API_SERVER_ADDRESS", "DENOISELAB_HOME",
                                "DENOISELAB_IN_JOB", "DENOISELAB_VERBOSE", "RAY_DATA_LOGGING_CONFIG")
     return {k: os.environ[k] for k in names if k in os.environ}
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's INFO lines to its log file only (unless --verbose). Must run before anything
+    imports ``ray.data``: the CLI calls it first thing, ``connect_ray`` for programmatic callers."""
+    if not os.environ.get("DENOISELAB_VERBOSE"):
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
 
 
 def connect_ray(address: Optional[str]) -> None:
@@ -87,8 +97,7 @@ def connect_ray(address: Optional[str]) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")     # dedup would fold the workers' progress lines together
-    if not os.environ.get("DENOISELAB_VERBOSE"):     # Ray Data's INFO lines to its log file only
-        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
+    quiet_ray_data()
     env, local = worker_env(), {}
     if address is None and not os.environ.get("RAY_ADDRESS"):
         port = _dashboard_port()

@@ -26,11 +26,13 @@ import pyarrow.fs as pafs
 
 from trainers.errors import UserError
 
-__all__ = ["StorageError", "Storage", "open_storage", "endpoint_from_env", "CREDENTIAL_VARS"]
+__all__ = ["StorageError", "Storage", "open_storage", "endpoint_from_env", "CREDENTIAL_VARS", "SECRET_VARS",
+           "ENDPOINT_VARS"]
 
-CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                   "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL",
-                   "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
+               "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_TOKEN")
+ENDPOINT_VARS = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL")
+CREDENTIAL_VARS = SECRET_VARS[:-1] + ENDPOINT_VARS
 
 
 class StorageError(UserError):

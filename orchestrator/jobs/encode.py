@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from orchestrator.infra.data_io import META_FILE, from_npz, read_dataset
-from orchestrator.infra.encoder import EncoderPayload, build_autoencoder, encode_uint8, load_payload
+from orchestrator.infra.encoder import EncoderPayload, build_autoencoder, encode_uint8
 from orchestrator.infra.image_files import list_image_folder, load_image, mode_summary, resize_uint8
 from orchestrator.infra.latents import LATENTS, STORES, latent_columns, shard_table
 from orchestrator.infra.storage import Storage, open_storage
@@ -40,7 +40,7 @@ from trainers.data import ArrayDataset, builtin_dataset
 from trainers.errors import ConfigError, DataError, UserError
 from trainers.eval.reference import from_uint8, to_uint8
 
-__all__ = ["EncodeRequest", "ImageSource", "open_source", "prepare_latents", "encode_source", "encode_shard",
+__all__ = ["EncodeRequest", "ImageSource", "open_source", "encode_source", "encode_shard",
            "describe", "source_dataset", "PLAN_FILE"]
 
 PLAN_FILE = "_plan.json"
@@ -263,13 +263,6 @@ def _run_tasks(req: EncodeRequest, payload: EncoderPayload, src: ImageSource, to
 def _progress(result: dict, k: int, n: int) -> None:
     print(f"encoded shard {result['shard']:>5d} ({result['count']} images, {result['seconds']:.1f} s)  {k}/{n}",
           file=sys.stderr, flush=True)
-
-
-def prepare_latents(req: EncodeRequest) -> dict:
-    """Encode ``req.source`` into a latent dataset at ``req.out``; returns the manifest."""
-    payload = load_payload(req.encoder)
-    src = open_source(req.source, seed=req.seed, endpoint=req.endpoint, region=req.region)
-    return encode_source(req, payload, src)
 
 
 def encode_source(req: EncodeRequest, payload: EncoderPayload, src: ImageSource) -> dict:

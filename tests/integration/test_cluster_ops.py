@@ -58,9 +58,11 @@ def test_dead_address_fails_in_seconds(command, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def head(s3, tmp_path_factory):
     """A real `ray start --head` on this host, token authentication on (Ray's default since
-    2.59), its token in a private HOME; jobs keep relative paths under DENOISELAB_HOME."""
+    2.59), its token in a private HOME; jobs keep relative paths under DENOISELAB_HOME. The node's
+    environment holds the storage credentials (the s3 fixture's), as a cluster node's would:
+    denoiselab never sends credentials through Ray."""
     home = tmp_path_factory.mktemp("head-home")
     ports = {"gcs": free_port(), "dashboard": free_port(), "client": free_port()}
     env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "DENOISELAB_HOME": str(home / "durable"),
@@ -161,6 +163,19 @@ def test_doctor_passes_and_fails_clearly(head, s3, auth_mlflow, tmp_path):
     assert bad.returncode == 1 and len(fails) == 2
     assert "FAIL  tracking  " in fails[0] and "cannot reach the MLflow server" in fails[0]
     assert "FAIL  storage   " in fails[1]
+
+
+def test_missing_tracking_credentials_are_one_line_before_ray_starts(auth_mlflow, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(TINY.format(name="no-creds", steps=5, every=5, n=0, storage=tmp_path / "runs"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    for extra in ({}, {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"}):
+        out = subprocess.run([*CLI, "train", str(cfg), "--set", f"tracking.uri={auth_mlflow}"], cwd=tmp_path,
+                             env={**env, **extra}, capture_output=True, text=True, timeout=120)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+        assert "refused the request (HTTP 401)" in lines[0] and "MLFLOW_TRACKING_PASSWORD" in lines[0]
+    assert not (tmp_path / "runs" / "no-creds").exists(), "nothing is written for a run that cannot be tracked"
 
 
 @pytest.mark.ray

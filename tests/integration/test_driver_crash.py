@@ -49,11 +49,14 @@ def test_driver_killed_then_rerun_resumes_exactly(tmp_path):
         _kill_session(proc.pid)                        # driver and the local Ray it started
         proc.wait(30)
     assert not (run / "step_00000120").exists()
-    for name in ("crashy", "steady"):
-        p = _cli(tmp_path, tmp_path / f"{name}.yaml", env)
-        try:
+    procs = {"steady": _cli(tmp_path, tmp_path / "steady.yaml", env)}          # side by side with the resume,
+    try:                                                                         # once its Ray is up
+        wait_for(lambda: "starting run steady" in (tmp_path / "steady.log").read_text(), 120, 0.2, "steady to start")
+        procs["crashy"] = _cli(tmp_path, tmp_path / "crashy.yaml", env)
+        for name, p in procs.items():
             assert p.wait(400) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
-        finally:
+    finally:
+        for p in procs.values():
             _kill_session(p.pid)
     resumed = load_state(run / "step_00000120")
     steady = load_state(tmp_path / "runs" / "steady" / "step_00000120")

@@ -17,8 +17,7 @@ from trainers.config import load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-METHOD_CONFIGS = {
-    "dtr": {"dtr": {}},
+METHOD_CONFIGS = {                                  # DTR runs inside the combination (it has no state of its own)
     "curriculum": {"curriculum": {"clusters": 4, "pacing": "adaptive", "patience": 2, "ema": 0.0}},
     "ant-pcgrad": {"ant": {"mtl": "pcgrad", "sampling": "iid"}},
     "ant-nash": {"ant": {"mtl": "nash", "nash_every": 3}},

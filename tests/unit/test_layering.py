@@ -105,3 +105,15 @@ def test_no_reference_to_documents_the_project_does_not_ship() -> None:
             assert doc not in text or doc in shipped, f"{path.relative_to(ROOT)} cites {doc}, not in the repository"
         for doc in set(re.findall(r"docs/[a-z_]+\.md", text)):
             assert (ROOT / doc).exists(), f"{path.relative_to(ROOT)} cites {doc}, which does not exist"
+
+
+def test_every_package_directory_ships_in_a_plain_install() -> None:
+    """A folder of modules without ``__init__.py`` imports in an editable checkout but is left out
+    by ``pip install .`` (the Docker image): every one must be a regular package."""
+    from setuptools import find_packages
+    found = set(find_packages(str(ROOT), include=["orchestrator*", "trainers*", "search*"]))
+    for top in ("orchestrator", "trainers", "search"):
+        for folder in [ROOT / top, *(p for p in (ROOT / top).rglob("*") if p.is_dir())]:
+            if any(folder.glob("*.py")) and "__pycache__" not in folder.parts:
+                name = ".".join(folder.relative_to(ROOT).parts)
+                assert name in found, f"{name}: no __init__.py, so `pip install .` leaves it out"

@@ -41,3 +41,16 @@ def test_gpu_requested_without_one_is_refused_locally(tmp_path):
                          text=True, timeout=120, cwd=tmp_path)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and "scaling.use_gpu: torch sees no CUDA device" in lines[0]
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs", "a/b", ".hidden", "..", "x" * 65])
+def test_study_names_that_would_escape_are_refused(name):
+    from search.config import StudyError, study_from_dict
+    with pytest.raises(StudyError, match=r"^name: .* must be 1-64 letters"):
+        study_from_dict({"name": name, "base": {}, "space": {"optim": {}}})
+
+
+def test_expert_set_names_are_run_names():
+    """An expert set's name names its directory and its experts' runs (``NAME-expertN``)."""
+    with pytest.raises(ConfigError, match=r"^name: '\.\./sets' must be"):
+        load_config({"name": "../sets", "methods": {"meme": {"experts": [{}, {}]}}})
