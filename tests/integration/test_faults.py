@@ -62,25 +62,28 @@ def _loss_steps(uri: str, run_id: str) -> list:
 
 
 def test_storage_and_tracking_outages_mid_run_lose_nothing(local_ray, services, capfd):
-    """S3 down for 20 s and MLflow down for 30 s (overlapping) while the run trains on; the
-    tracker's patience (tracking.retry_seconds=10) runs out, so held metrics go to the spool and
-    are replayed once the server is back - by the run itself, or (when the run ended before the
-    server returned) by `denoiselab replay`."""
+    """The MLflow server goes down for 30 s at the first stored checkpoint, and 12 s later the S3
+    endpoint for 20 s, while the run trains on. The tracker's patience (tracking.retry_seconds=3)
+    runs out while storage is still up, so held metrics go to the spool; they are replayed once
+    the server is back - by the run itself, or (when the run ended first) by `denoiselab replay`.
+    (Metrics are sent after their checkpoint is stored, so the tracking outage must start first
+    to be seen while storage is up.)"""
     s3, proxy, server = services["s3"], services["proxy"], services["server"]
-    cfg = load_config(_config(services, "outage", steps=1600, every=200, tracking={"retry_seconds": 10}))
+    cfg = load_config(_config(services, "outage", steps=1600, every=100, tracking={"retry_seconds": 3}))
     window: dict[str, float] = {}
 
     def outage() -> None:
         wait_for(lambda: _stored_steps(s3, "outage"), 180, 0.2, "the first checkpoint")
+        window["tracking_down"] = time.time()
+        server.stop()
+        time.sleep(12)
         window["start"] = time.time()
         proxy.stop()
-        server.stop()
-        time.sleep(20)
-        proxy.start()
-        window["s3_back"] = time.time()
-        time.sleep(max(0.0, window["start"] + 30 - time.time()))
+        time.sleep(max(0.0, window["tracking_down"] + 30 - time.time()))
         server.start()
-        window["end"] = time.time()
+        time.sleep(max(0.0, window["start"] + 20 - time.time()))
+        proxy.start()
+        window["s3_back"] = window["end"] = time.time()
 
     thread = threading.Thread(target=outage, daemon=True)
     thread.start()
@@ -92,7 +95,7 @@ def test_storage_and_tracking_outages_mid_run_lose_nothing(local_ray, services, 
         assert main(["replay", "outage", "--storage", "s3://denoiselab/faults", "--endpoint", s3["endpoint"],
                      "--tracking-uri", server.uri]) == 0
         said += capfd.readouterr().out
-    _check_every_checkpoint(s3, "outage", list(range(200, 1601, 200)))
+    _check_every_checkpoint(s3, "outage", list(range(100, 1601, 100)))
     history = MlflowClient(out.tracking_uri).get_metric_history(out.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(10, 1601, 10)), "gaps or duplicates in the loss history"
     during = [m for m in history if window["start"] * 1000 < m.timestamp < window["s3_back"] * 1000]
