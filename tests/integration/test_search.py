@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import optuna
-import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -39,7 +36,7 @@ def search_ray():
         ray.shutdown()
     port = free_port()
     api = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_port=port, logging_level="ERROR",
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_port=port, logging_level="ERROR",
              runtime_env={"env_vars": {**worker_env(), "RAY_API_SERVER_ADDRESS": api}})
     yield {"address": ray.get_runtime_context().gcs_address, "api": api}
     ray.shutdown()
@@ -61,37 +58,16 @@ def test_smoke_study_asha_stops_weak_trials(search_ray, tmp_path):
     import ray
     # a 4-point lr grid; with seed 0 the hopeless lr (1e-5) is drawn last, so it meets recorded
     # rungs and ASHA stops it at its first report
-    fields = _study(tmp_path, "it-smoke", scheduler={"grace_period": 1, "reduction_factor": 2},
-                    sampler={"kind": "grid"}, space={"optim": {"lr": {"choices": [1e-5, 1e-3, 2e-3, 3e-3]}}})
-    fields["base"]["scaling"] = {"max_failures": 1}
-    study = study_from_dict(fields)
-    killed: list[int] = []
-
-    def kill_a_worker_past_its_first_checkpoint() -> bool:
-        for stored in (tmp_path / "runs").glob("*/step_*/state.pt.sha256"):
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                try:
-                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []) and \
-                            proc.environ().get("DENOISELAB_RUN") == stored.parent.parent.name:
-                        os.kill(proc.pid, signal.SIGKILL)        # worker loss mid-study: a real SIGKILL
-                        killed.append(stored.parent.parent.name)
-                        return True
-                except (psutil.Error, ProcessLookupError):
-                    continue
-        return False
-
-    def kill_one_trials_worker() -> None:
-        wait_for(kill_a_worker_past_its_first_checkpoint, 120, 0.2, "a running trial with a stored checkpoint")
-    killer = threading.Thread(target=kill_one_trials_worker, daemon=True)
-    killer.start()
+    study = study_from_dict(_study(tmp_path, "it-smoke", scheduler={"grace_period": 1, "reduction_factor": 2},
+                                   sampler={"kind": "grid"},
+                                   space={"optim": {"lr": {"choices": [1e-5, 1e-3, 2e-3, 3e-3]}}}))
     started = time.monotonic()
     out = run_search(SearchRequest(study, register="it-smoke-best", quiet=True))
     print(f"smoke study: {time.monotonic() - started:.0f}s; {out.leaderboard}")
-    killer.join(5)
     statuses = sorted(r.status for r in out.records)
-    assert killed and len(out.records) == 4 and "stopped" in statuses and "error" not in statuses, out.leaderboard
+    assert len(out.records) == 4 and "stopped" in statuses and "error" not in statuses, out.leaderboard
     slow = next(r for r in out.records if r.overrides["train.lr"] == 1e-5)
-    assert slow.status == "stopped" and slow.step < 40          # at its first rung, or its second after the kill
+    assert slow.status == "stopped" and slow.step == 10
     assert out.best.status == "finished" and out.best.step == 40 and out.best.overrides["train.lr"] > 1e-5
 
     client = MlflowClient(out.tracking_uri)
@@ -101,10 +77,6 @@ def test_smoke_study_asha_stops_weak_trials(search_ray, tmp_path):
                                   filter_string=f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
     by_trial = {c.data.tags["search.trial_id"]: c for c in children}
-    recovered = [c for c in children if "denoiselab.resumed_from_step" in c.data.tags]
-    assert [c.data.tags["denoiselab.run_name"] for c in recovered] == killed, "only the killed trial resumed"
-    steps = sorted(m.step for m in client.get_metric_history(recovered[0].info.run_id, "loss"))
-    assert steps == list(range(10, steps[-1] + 1, 10)), "the recovered trial's history has gaps or duplicates"
     for rec in out.records:
         assert by_trial[rec.trial_id].data.tags["search.stopped_early"] == str(rec.stopped_early).lower()
         assert by_trial[rec.trial_id].data.params["train.lr"] == str(rec.overrides["train.lr"])
@@ -117,12 +89,8 @@ def test_smoke_study_asha_stops_weak_trials(search_ray, tmp_path):
     assert {t.user_attrs["tune_trial_id"] for t in ot.trials} == {r.trial_id for r in out.records}
     assert sum(t.user_attrs["stopped_early"] for t in ot.trials) == statuses.count("stopped")
     for t in ot.trials:                       # learning curves keyed by training step, stopped trials too
-        steps, full = sorted(t.intermediate_values), list(range(10, t.user_attrs["steps"] + 1, 10))
-        if t.user_attrs["tune_trial_id"] == recovered[0].data.tags["search.trial_id"]:
-            # the report of the checkpoint it resumed from may have died with the worker
-            assert steps and set(steps) <= set(full) and steps[-1] == full[-1], (t.number, steps)
-        else:
-            assert steps and steps == full, (t.number, steps)
+        steps = sorted(t.intermediate_values)
+        assert steps and steps == list(range(10, t.user_attrs["steps"] + 1, 10)), (t.number, steps)
 
     from orchestrator.infra.config_io import load_run_config
     best = load_run_config(str(out.outputs["best_yaml"]))
