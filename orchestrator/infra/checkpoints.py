@@ -59,12 +59,21 @@ def resume_candidates(storage: Storage, run_name: str, also: Optional[str] = Non
 
     Storage, not Ray's snapshot, decides: a checkpoint whose upload completed but whose report
     never reached Ray's controller (it died first) is still the newest state, and its metrics were
-    already sent to MLflow - resuming from an older one would log those steps twice."""
+    already sent to MLflow - resuming from an older one would log those steps twice. A checkpoint
+    without its checksum in a run whose others have one is an upload cut short, and is skipped."""
     steps = {d for d in storage.listdir(run_name) if d.startswith("step_")}
     if also:
         steps.add(also)
-    return [(step, lambda step=step: read_state(storage, run_name, step, STATE_FILE))
-            for step in sorted(steps, reverse=True)]
+    summed = {step for step in steps if storage.exists(run_name, step, CHECKSUM_FILE)}
+
+    def load(step: str) -> dict:
+        # the checksum is uploaded last: once a run writes them, a checkpoint without one is an
+        # upload cut short (its metrics were never sent), even when its state.pt happens to be whole
+        if summed and step not in summed:
+            raise CheckpointError(f"{storage.uri_of(run_name, step)}: upload incomplete (no {CHECKSUM_FILE}, "
+                                  f"which is written last)")
+        return read_state(storage, run_name, step, STATE_FILE)
+    return [(step, lambda step=step: load(step)) for step in sorted(steps, reverse=True)]
 
 
 def newest_usable(storage: Storage, run_name: str, also: Optional[str], check, warn) -> tuple[Optional[dict], list]:

@@ -70,6 +70,22 @@ def test_newest_usable_reads_storage_and_refuses_when_nothing_is_left(tmp_path):
     assert newest_usable(storage, "fresh-run", None, lambda s, label: None, said.append) == (None, [])
 
 
+def test_a_whole_state_without_its_checksum_is_an_upload_cut_short(tmp_path):
+    """Seen when a node died mid-upload: state.pt complete, checksum and metrics never written.
+    In a run whose checkpoints carry checksums, such a checkpoint is skipped (its metrics were
+    never sent, so resuming from it would lose them); a run from before checksums still resumes."""
+    storage = open_storage(str(tmp_path))
+    for step in (1, 2):
+        save_state(tmp_path / "run" / f"step_{step:08d}", _state(step))
+    (tmp_path / "run" / "step_00000002" / CHECKSUM_FILE).unlink()
+    said = []
+    state, skipped = newest_usable(storage, "run", None, lambda s, label: None, said.append)
+    assert state["step"] == 1 and skipped == ["step_00000002"] and "upload incomplete" in said[0]
+    (tmp_path / "run" / "step_00000001" / CHECKSUM_FILE).unlink()          # no checksums at all: legacy
+    state, skipped = newest_usable(storage, "run", None, lambda s, label: None, said.append)
+    assert state["step"] == 2 and skipped == []
+
+
 def test_local_resume_falls_back_past_a_truncated_and_a_foreign_checkpoint(tmp_path, capsys):
     base = dict(train={"steps": 6, "checkpoint_every": 2, "keep_checkpoints": 5}, storage={"path": str(tmp_path)},
                 name="fallback")
