@@ -138,6 +138,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     sample_every: int = 0          # 0 = only at the end
     compile: bool = False
+    adamw: Literal["auto", "fused", "foreach", "loop"] = "auto"   # auto: fused on CUDA, foreach elsewhere
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):

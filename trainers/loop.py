@@ -7,7 +7,6 @@ Runs in one process; distribution comes from the Runtime and the Reporter it is 
 from __future__ import annotations
 
 import json
-import math
 import time
 from typing import Optional
 
@@ -23,13 +22,14 @@ from trainers.errors import CheckpointError, ConfigError, TrainingDiverged
 from trainers.heldout import heldout_losses
 from trainers.images import make_grid, png_bytes
 from trainers.methods import Intervals, compose
+from trainers.prefetch import on_device
 from trainers.reporting import Reporter
 from trainers.runtime import Runtime
-from trainers.step import TrainState, train_step
+from trainers.step import TrainState, device_step
 from trainers.weights import (adapter_weights, backbone_weights, check_frozen_base, freeze_backbone,
                               load_run_weights)
 
-__all__ = ["train", "build_state", "make_state", "sample_grid"]
+__all__ = ["train", "build_state", "make_state", "make_optimizer", "sample_grid"]
 
 
 def build_state(cfg: RunConfig, runtime: Runtime, batches: BatchSource, *, resume: Optional[dict] = None,
@@ -63,7 +63,7 @@ def build_state(cfg: RunConfig, runtime: Runtime, batches: BatchSource, *, resum
     if resume is not None:
         ema.load_state_dict(resume["ema"], strict=not plan.freeze_backbone)
     wrapped = runtime.wrap_model(torch.compile(model) if cfg.train.compile else model)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(cfg, groups, runtime.device)
     scaler = _scaler(cfg, runtime, plan)
     state = TrainState(model=wrapped, raw_model=model, ema=ema, optimizer=optimizer, scaler=scaler,
                        diffusion=build_diffusion(cfg), plan=plan, intervals=intervals, runtime=runtime, cfg=cfg,
@@ -72,6 +72,14 @@ def build_state(cfg: RunConfig, runtime: Runtime, batches: BatchSource, *, resum
     if resume is not None:
         _load_resume(state, resume)
     return state
+
+
+def make_optimizer(cfg: RunConfig, groups: list[dict], device: torch.device) -> torch.optim.AdamW:
+    """AdamW over ``groups``; ``train.adamw`` picks the implementation (one fused kernel on CUDA
+    by default; the update is the same, only the order of float operations differs)."""
+    kind = cfg.train.adamw if cfg.train.adamw != "auto" else ("fused" if device.type == "cuda" else "foreach")
+    flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[kind]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, **flags)
 
 
 def _check_same_plan(resume: Optional[dict], plan) -> None:
@@ -181,6 +189,30 @@ def _grid_png(state: TrainState, batches: BatchSource) -> bytes:
     return png_bytes(make_grid(images, scale=max(1, 64 // images.shape[-1])))
 
 
+class DivergenceWatch:
+    """The first step whose global loss was not finite, tracked on the device, so the step need
+    not wait for it; :meth:`check` reads it (the loop does so before it logs, samples or stores
+    anything, so no checkpoint is ever written after the loss diverged)."""
+
+    def __init__(self) -> None:
+        self.first: Optional[torch.Tensor] = None       # [] int64: first bad step, 0 = none yet
+        self.value: Optional[torch.Tensor] = None       # [] the loss sum at that step
+
+    def update(self, out, step: int) -> None:
+        loss = out.glob[1].sum()
+        if self.first is None:
+            self.first, self.value = torch.zeros((), dtype=torch.int64, device=loss.device), torch.zeros_like(loss)
+        new = (self.first == 0) & ~torch.isfinite(loss)
+        self.first = torch.where(new, step, self.first)
+        self.value = torch.where(new, loss, self.value)
+
+    def check(self, last_checkpoint: int) -> None:
+        if self.first is None or int(self.first) == 0:
+            return
+        raise TrainingDiverged(f"train: loss became {float(self.value)} at step {int(self.first)}; the last good "
+                               f"checkpoint (step {last_checkpoint}) is kept - lower train.lr or set train.grad_clip")
+
+
 def train(cfg: RunConfig, runtime: Runtime, reporter: Reporter, batches: BatchSource, *,
           resume: Optional[dict] = None, init: Optional[dict] = None,
           intervals: Optional[Intervals] = None, base_ref: Optional[dict] = None) -> dict:
@@ -189,23 +221,28 @@ def train(cfg: RunConfig, runtime: Runtime, reporter: Reporter, batches: BatchSo
     tc, metrics, last_ckpt = cfg.train, {}, state.step if resume is not None else 0
     window_start, window_steps, started = time.perf_counter(), 0, time.perf_counter()
     images_per_step = cfg.train.batch_size
+    watch, source = DivergenceWatch(), on_device(batches, runtime.device, tc.steps)
     for step in range(state.step, tc.steps):
-        x0, y = batches.get(step)
-        metrics = train_step(state, x0, y, step)
+        x0, y = source.get(step)
+        out = device_step(state, x0, y, step)
+        watch.update(out, step + 1)
         window_steps += 1
-        if not math.isfinite(metrics["loss"]):
-            raise TrainingDiverged(f"train: loss became {metrics['loss']} at step {step + 1}; the last good "
-                                   f"checkpoint (step {last_ckpt}) is kept - lower train.lr or set train.grad_clip")
         done = state.step
-        if done % tc.log_every == 0 or done == tc.steps:
+        due = [done % tc.log_every == 0 or done == tc.steps, bool(tc.sample_every) and done % tc.sample_every == 0,
+               done % tc.checkpoint_every == 0 or done == tc.steps]
+        if not any(due):
+            continue                                 # nothing to read: the device runs ahead
+        watch.check(last_ckpt)                       # before anything is logged, sampled or stored
+        metrics = out.resolve()
+        if due[0]:
             elapsed = max(time.perf_counter() - window_start, 1e-9)
             metrics.update(steps_per_s=window_steps / elapsed, images_per_s=window_steps * images_per_step / elapsed)
             metrics.update(state.plan.metrics())
             reporter.log(done, metrics)
             window_start, window_steps = time.perf_counter(), 0
-        if tc.sample_every and done % tc.sample_every == 0 and runtime.is_main:
+        if due[1] and runtime.is_main:
             reporter.artifact(f"samples/step_{done:08d}.png", _grid_png(state, batches))
-        if done % tc.checkpoint_every == 0 or done == tc.steps:
+        if due[2]:
             heldout = getattr(batches, "heldout", None)
             if heldout is not None and runtime.is_main:
                 metrics.update(heldout_losses(state.ema.model, state.diffusion, state.intervals, heldout,

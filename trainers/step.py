@@ -10,6 +10,10 @@
     .grad      = combiner(weighter(S/C) + aux)       weighter (mean / UW), combiner (sum / PCGrad / Nash)
     optimizer.step(); ema.update(); pacer.observe(global loss) -> sampler.restrict(pacer.allowed())
 
+The step never waits for the device unless a pacer watches the loss: its metrics come back as a
+:class:`StepOutput` of device tensors, read (one synchronisation) only when the loop logs or
+checkpoints; finiteness is checked on the device every step (``StepOutput.finite``).
+
 All randomness of step k (t, ε, label dropout) is drawn for the GLOBAL batch from a generator
 seeded by (seed, k); each rank keeps its slice. Resume therefore needs no RNG state, and a run's
 randomness does not depend on when it was interrupted.
@@ -29,7 +33,8 @@ from trainers.ema import EMA
 from trainers.methods import Intervals, Plan
 from trainers.runtime import Runtime, sync_gradients
 
-__all__ = ["TrainState", "train_step", "step_generator", "draw_randomness", "sample_weight", "ScaledWeighter"]
+__all__ = ["TrainState", "StepOutput", "train_step", "device_step", "step_generator", "draw_randomness",
+           "sample_weight", "ScaledWeighter"]
 
 
 @dataclass
@@ -97,13 +102,14 @@ def _per_sample_loss(state: TrainState, x0, y, step: int):
     return w_t * (lam * terms.mse + terms.vb), terms, t                          # [N]
 
 
-def _aux_losses(state: TrainState) -> tuple[Optional[torch.Tensor], dict[str, float]]:
-    """Sum of the plan's auxiliary terms, read from the model after its forward pass."""
+def _aux_losses(state: TrainState) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]:
+    """Sum of the plan's auxiliary terms, read from the model after its forward pass (the logged
+    terms stay on the device)."""
     total, logged = None, {}
     for aux in state.plan.aux_losses:
         value, terms = aux(state.raw_model)
         total = value if total is None else total + value
-        logged.update({k: float(v) for k, v in terms.items()})
+        logged.update({k: torch.as_tensor(v).detach() for k, v in terms.items()})
     return total, logged
 
 
@@ -120,7 +126,7 @@ class ScaledWeighter:
         return getattr(self.inner, name)
 
 
-def _optimizer_step(state: TrainState) -> float:
+def _optimizer_step(state: TrainState) -> torch.Tensor:
     params = state.trainable()
     if state.scaler is not None:
         state.scaler.unscale_(state.optimizer)
@@ -136,11 +142,44 @@ def _optimizer_step(state: TrainState) -> float:
     else:
         state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm.detach()
+
+
+@dataclass
+class StepOutput:
+    """One step's global metrics, still on the device. ``finite()`` is a device-side check;
+    ``resolve()`` reads everything to the host at once (the loop calls it only when it logs)."""
+    glob: torch.Tensor                # [4, K]: per-interval counts, loss, ε-MSE and vb sums over all ranks
+    grad_norm: torch.Tensor           # [] total gradient norm before clipping
+    lr: float
+    stats: dict                       # the combiner's metrics (host floats)
+    aux: dict                         # auxiliary loss terms (device scalars)
+
+    def finite(self) -> torch.Tensor:
+        return torch.isfinite(self.glob[1].sum())
+
+    def resolve(self) -> dict[str, float]:
+        glob = self.glob.detach().cpu()
+        counts = glob[0]
+        n = float(counts.sum().clamp(min=1.0))
+        out = {"loss": float(glob[1].sum()) / n, "mse": float(glob[2].sum()) / n, "vb": float(glob[3].sum()) / n,
+               "grad_norm": float(self.grad_norm), "lr": self.lr, **self.stats,
+               **{k: float(v) for k, v in self.aux.items()}}
+        for i in range(glob.shape[1]):
+            if counts[i] > 0:
+                out[f"interval/loss_{i}"] = float(glob[1][i] / counts[i])
+        return out
 
 
 def train_step(state: TrainState, x0: torch.Tensor, y: Optional[torch.Tensor], step: int) -> dict[str, float]:
-    """One optimisation step on this rank's batch; returns global metrics (identical on ranks)."""
+    """One optimisation step, its metrics read to the host (tests, benchmarks; the loop reads
+    them only at logging steps, through :func:`device_step`)."""
+    return device_step(state, x0, y, step).resolve()
+
+
+def device_step(state: TrainState, x0: torch.Tensor, y: Optional[torch.Tensor], step: int) -> StepOutput:
+    """One optimisation step on this rank's batch; its global metrics (identical on ranks) stay
+    on the device."""
     rt, plan, k = state.runtime, state.plan, state.intervals.num_intervals
     manual = plan.combiner.manual_sync(step) and rt.world_size > 1
     capture = plan.combiner.capture(state.raw_model, state.trainable(), step)
@@ -165,14 +204,12 @@ def train_step(state: TrainState, x0: torch.Tensor, y: Optional[torch.Tensor], s
     sync_gradients([p for g in plan.weighter.param_groups() for p in g.params], rt)   # outside DDP
     grad_norm = _optimizer_step(state)
     state.ema.update(state.raw_model)
-    n = counts.sum().clamp(min=1.0)
-    metrics = {"loss": float(glob[1].sum() / n), "mse": float(glob[2].sum() / n), "vb": float(glob[3].sum() / n),
-               "grad_norm": grad_norm, "lr": state.optimizer.param_groups[0]["lr"], **stats, **aux_metrics}
-    for i in range(k):
-        if counts[i] > 0:
-            metrics[f"interval/loss_{i}"] = float(glob[1][i] / counts[i])
-    watched = metrics[plan.pacer.monitor]
-    if math.isfinite(watched) and plan.pacer.observe(watched):   # non-finite: the loop reports it
-        plan.sync_pacer()
+    out = StepOutput(glob=glob, grad_norm=grad_norm, lr=state.optimizer.param_groups[0]["lr"], stats=stats,
+                     aux=aux_metrics)
+    if getattr(plan.pacer, "watches", True):              # a pacer reads the global loss every step
+        row = {"loss": 1, "mse": 2}[plan.pacer.monitor]
+        watched = float(glob[row].sum() / counts.sum().clamp(min=1.0))
+        if math.isfinite(watched) and plan.pacer.observe(watched):   # non-finite: the loop reports it
+            plan.sync_pacer()
     state.step = step + 1
-    return metrics
+    return out

@@ -81,3 +81,50 @@ def test_sampling_on_cuda_is_seeded():
     a, b, c = draw(0), draw(0), draw(1)
     assert a.shape == (4, 1, 8, 8) and a.abs().max() <= 1.0
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_prefetched_batches_match_the_source_and_the_loop_trains_with_them(tmp_path):
+    """Step k+1's batch is copied on a side stream while step k runs: same tensors, on the device."""
+    from trainers.prefetch import DevicePrefetch
+    from trainers.loop import train
+    from trainers.reporting import LocalReporter
+    batches = StepBatches(load_digits(), 32)
+    ahead = DevicePrefetch(batches, torch.device("cuda"), last_step=4)
+    for step in range(4):
+        x0, y = ahead.get(step)
+        ref_x0, ref_y = batches.get(step)
+        assert x0.is_cuda and torch.equal(x0.cpu(), ref_x0) and torch.equal(y.cpu(), ref_y)
+    cfg = load_config({"model": {"name": "DiT-T/2"}, "diffusion": {"steps": 100}, "sample": {"n": 0},
+                       "train": {"steps": 6, "batch_size": 32, "precision": "bf16", "log_every": 3,
+                                 "checkpoint_every": 6}})
+    summary = train(cfg, LocalRuntime("cuda"), LocalReporter(tmp_path), batches)
+    assert summary["step"] == 6 and torch.isfinite(torch.tensor(summary["metrics"]["loss"]))
+
+
+def test_fused_adamw_is_the_cuda_default_and_matches_foreach():
+    from trainers.loop import make_optimizer
+    cfg = load_config({"train": {"lr": 1e-2}})
+    results = {}
+    for kind in ("auto", "foreach"):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(1000, device="cuda"))
+        opt = make_optimizer(load_config({"train": {"lr": 1e-2, "adamw": kind}}), [{"params": [p]}],
+                             torch.device("cuda"))
+        assert bool(opt.defaults.get("fused")) is (kind == "auto")
+        for _ in range(5):
+            p.grad = torch.sin(p.detach() * 3)
+            opt.step()
+        results[kind] = p.detach().clone()
+    assert cfg.train.adamw == "auto"
+    torch.testing.assert_close(results["auto"], results["foreach"], rtol=1e-5, atol=1e-6)
+
+
+def test_attention_takes_the_flash_kernel_at_bf16():
+    """DiT attention goes through SDPA; at bf16 the flash kernel alone must be able to run it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    state, batches = _state({}, "bf16")
+    x0, y = batches.get(0)
+    x, t, y = x0.cuda(), torch.zeros(32, dtype=torch.long, device="cuda"), y.cuda()
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+        out = state.raw_model(x, t, y)
+    assert torch.isfinite(out.float()).all()

@@ -55,6 +55,11 @@ def list_keys(s3, prefix: str) -> list[str]:
     return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
 
 
+# MLflow 3.x starts eight job-runner processes (huey) with every server, ~24 s of CPU on this
+# machine; denoiselab submits no server-side jobs
+JOBS_OFF = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 class MlflowServer:
     """An ``mlflow server`` subprocess on a fixed loopback port (sqlite store under ``root``) that a
     test can stop and start again on the same port (the store survives: an outage, not a reset)."""
@@ -77,7 +82,8 @@ class MlflowServer:
         self.proc = subprocess.Popen([str(mlflow_bin), "server", "--backend-store-uri",
                                       f"sqlite:///{self.root}/server.db", *self.args, "--host", "127.0.0.1",
                                       "--port", str(self.port), "--workers", "1"],
-                                     env={**os.environ, **self.env}, stdout=open(self.root / "server.log", "a"),
+                                     env={**os.environ, **JOBS_OFF, **self.env},
+                                     stdout=open(self.root / "server.log", "a"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(self.healthy, 90, 0.25, "mlflow server")
         return self

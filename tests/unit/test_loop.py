@@ -154,6 +154,15 @@ def test_nan_loss_raises_and_keeps_last_good_checkpoint(tmp_path: Path, methods)
     assert good["step"] == 4 and all(torch.isfinite(v).all() for v in good["model"].values())
 
 
+def test_the_first_bad_step_is_named_when_the_loss_is_read_later(tmp_path: Path) -> None:
+    """The loss is read to the host only at logging/checkpoint steps: a NaN at step 5 is found at
+    step 8, named as step 5, and nothing is stored after step 4."""
+    cfg = tiny_config({}, train={"steps": 12, "checkpoint_every": 4, "log_every": 4})
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 5; the last good checkpoint \(step 4\)"):
+        _run(cfg, tmp_path, _Wrapped(batches_for(cfg), nan_at=4))
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [checkpoint_dir_name(4)]
+
+
 def test_absurd_learning_rate_diverges(tmp_path: Path) -> None:
     cfg = tiny_config({}, train={"steps": 20, "lr": 1e6, "checkpoint_every": 1})
     with pytest.raises(TrainingDiverged, match="loss became (nan|inf)"):

@@ -29,6 +29,7 @@ class NullPacer:
     """No pacer: every timestep allowed, nothing to observe."""
     name = "none"
     monitor = "mse"
+    watches = False                   # the step need not read the loss to the host for it
 
     def __init__(self, num_timesteps: int):
         self._all = torch.ones(num_timesteps, dtype=torch.bool)

@@ -90,6 +90,7 @@ class TimestepSampler(Stateful, Protocol):
 
 class Pacer(Stateful, Protocol):
     monitor: str                                               # metric the pacer watches ("mse" | "loss")
+    # optional `watches: bool = True`: False lets the step skip reading the loss to the host
     def allowed(self) -> torch.Tensor: ...                     # [T] bool
     def observe(self, loss: float) -> bool: ...                # global loss; True when `allowed` changed
 
