@@ -102,6 +102,10 @@ def connect_ray(address: Optional[str]) -> None:
     if address is None and not os.environ.get("RAY_ADDRESS"):
         port = _dashboard_port()
         local = {"address": "local", "dashboard_port": port}
+        # the embedded one-node instance starts what a run needs: no node ever drains here (no
+        # preemption-watcher actor per run), and no usage report goes out
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         env.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
     else:
         check_reachable(address or os.environ.get("RAY_ADDRESS"),

@@ -37,17 +37,37 @@ def s3():
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def local_ray(s3):
-    """A local Ray instance for one test module (credentials reach workers via the runtime env)."""
+_SHARED_RAY: dict = {}
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    """Shuts the shared local Ray instance down at the end of the session."""
+    yield _SHARED_RAY
     import ray
-    if ray.is_initialized():
+    if _SHARED_RAY and ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3, _ray_session):
+    """One local Ray instance shared by the modules that use it: started on first use (its
+    processes inherit the s3 fixture's credentials, as a node's would), with a pinned dashboard
+    that every worker's State API points at (Train V2's placement-group cleaner must not find
+    another local instance on this host). A module that needs another instance (the multi-node
+    Cluster) shuts it down; the next user starts it again."""
+    import ray
     from orchestrator.infra.session import worker_env
-    ray.init(address="local", num_cpus=4, runtime_env={"env_vars": worker_env()}, logging_level="ERROR",
-             include_dashboard=True)
+    shared = _ray_session
+    if not (ray.is_initialized() and shared.get("address") == ray.get_runtime_context().gcs_address):
+        if ray.is_initialized():
+            ray.shutdown()
+        port = free_port()
+        api = f"http://127.0.0.1:{port}"
+        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_port=port, logging_level="ERROR",
+                 runtime_env={"env_vars": {**worker_env(), "RAY_API_SERVER_ADDRESS": api}})
+        shared.update(address=ray.get_runtime_context().gcs_address, api=api)
     yield ray
-    ray.shutdown()
 
 
 def list_keys(s3, prefix: str) -> list[str]:

@@ -17,12 +17,11 @@ from trainers.config import load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-METHOD_CONFIGS = {                                  # DTR runs inside the combination (it has no state of its own)
-    "curriculum": {"curriculum": {"clusters": 4, "pacing": "adaptive", "patience": 2, "ema": 0.0}},
-    "ant-pcgrad": {"ant": {"mtl": "pcgrad", "sampling": "iid"}},
+METHOD_CONFIGS = {          # DTR and the curriculum run inside the combination (the adaptive pacer's
+    "ant-pcgrad": {"ant": {"mtl": "pcgrad", "sampling": "iid"}},       # global loss is what needs two ranks)
     "ant-nash": {"ant": {"mtl": "nash", "nash_every": 3}},
-    "dtr+ant-uw+curriculum": {"dtr": {}, "ant": {"mtl": "uw"}, "curriculum": {"clusters": 4, "pacing": "fixed",
-                                                                              "stage_steps": 3}},
+    "dtr+ant-uw+curriculum": {"dtr": {}, "ant": {"mtl": "uw"}, "curriculum": {"clusters": 4, "pacing": "adaptive",
+                                                                              "patience": 2, "ema": 0.0}},
 }
 
 
@@ -40,12 +39,9 @@ def test_methods_train_on_two_workers(local_ray, tmp_path, label):
     assert len(client.get_metric_history(out.run_id, "loss")) == 4
     # the easiest interval is always active; with iid sampling a log step may have no sample in it
     assert len(client.get_metric_history(out.run_id, "interval/loss_3")) >= 3
-    if label == "curriculum":
-        stages = [m.value for m in client.get_metric_history(out.run_id, "curriculum/stage")]
-        assert max(stages) > 1
-    elif "curriculum" in label:
+    if "curriculum" in label:
         stages = [m.value for m in sorted(client.get_metric_history(out.run_id, "curriculum/stage"), key=lambda m: m.step)]
-        assert stages[0] < stages[-1] == 4
+        assert stages[0] < stages[-1] and stages == sorted(stages)           # the adaptive pacer advanced
         plot = tmp_path / "runs" / f"m-{label}" / "denoiselab" / "artifacts" / "plots" / "curriculum_stage.png"
         assert plot.read_bytes()[:4] == b"\x89PNG"
         assert "plots/curriculum_stage.png" in [f.path for f in client.list_artifacts(out.run_id, "plots")]

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from search.command import SearchRequest, run_search
 from search.config import study_from_dict
 from search.tuner import MetricNotReported
-from tests.helpers import free_port, ray_run_dict, wait_for
+from tests.helpers import ray_run_dict, wait_for
 from tests.integration.test_driver_crash import _kill_session
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -27,19 +27,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def search_ray():
-    """Local Ray with a pinned dashboard that every worker's State API points at (other local Ray
-    instances on this host must not confuse Train V2's placement-group cleaner)."""
-    import ray
-    from orchestrator.infra.session import worker_env
-    if ray.is_initialized():
-        ray.shutdown()
-    port = free_port()
-    api = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_port=port, logging_level="ERROR",
-             runtime_env={"env_vars": {**worker_env(), "RAY_API_SERVER_ADDRESS": api}})
-    yield {"address": ray.get_runtime_context().gcs_address, "api": api}
-    ray.shutdown()
+def search_ray(local_ray, _ray_session):
+    """The shared local Ray instance: its GCS address and the State API its workers use."""
+    return dict(_ray_session)
 
 
 def _study(tmp_path: Path, name: str, **fields) -> dict:
