@@ -54,3 +54,32 @@ def test_layer_used_twice_falls_back():
         state.raw_model(x0, torch.zeros(16, dtype=torch.long), y)
         state.raw_model(x0, torch.zeros(16, dtype=torch.long), y)
         assert not capture.usable()
+
+
+@pytest.mark.parametrize("methods", [{"ant": {"mtl": "pcgrad"}}, {"dtr": {}, "ant": {"mtl": "nash", "sampling": "iid"}}])
+def test_layerwise_gram_and_weighted_sum_equal_the_dense_matrix(methods):
+    """PCGrad/Nash see the interval gradients only as G = g gᵀ and Σ_k w_k g_k: built layer by
+    layer (one batched GEMM per layer, no [K, P] matrix), they equal the K separate gradients'."""
+    from trainers.methods.mtl.pcgrad import pcgrad, pcgrad_weights
+    state, batches = _setup(methods)
+    params = state.trainable()
+    capture = GroupedGradientCapture(state.raw_model, params)
+    with capture:
+        loss_n, _, t = _per_sample_loss(state, *batches.get(0), 0)
+        task = state.intervals.task_id(t)
+        sums = torch.zeros(4).index_add(0, task, loss_n)
+        counts = torch.bincount(task, minlength=4).float()
+        task_loss = sums / counts.clamp(min=1)
+        active = counts > 0
+        reference = interval_gradients(task_loss, active, params, LocalRuntime())          # [K, P]
+        layerwise = capture.task_gradients(task_loss.sum(), task, active, LocalRuntime())
+    dense = reference.double() @ reference.double().T
+    torch.testing.assert_close(layerwise.gram, dense, rtol=1e-4, atol=1e-7 * float(dense.abs().max()))
+    weights = torch.tensor([0.7, -0.2, 0.4, 1.3], dtype=torch.float64) * active
+    layerwise.write(weights)
+    written = torch.cat([p.grad.reshape(-1) for p in params])
+    torch.testing.assert_close(written, weights.float() @ reference, rtol=1e-4, atol=1e-6)
+    gen = lambda: torch.Generator().manual_seed(3)                      # noqa: E731
+    idx = torch.nonzero(active).flatten()
+    w = pcgrad_weights(layerwise.gram[idx][:, idx], gen())
+    torch.testing.assert_close((w.float() @ reference[idx]), pcgrad(reference[idx], gen()), rtol=1e-4, atol=1e-6)

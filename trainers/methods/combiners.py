@@ -23,11 +23,11 @@ import torch
 import torch.nn as nn
 
 from trainers.errors import ConfigError
-from trainers.methods.grouped_grads import GroupedGradientCapture
+from trainers.methods.grouped_grads import DenseTaskGradients, GroupedGradientCapture, TaskGradients
 from trainers.methods.mtl.nash import nash_weights
-from trainers.methods.mtl.pcgrad import pcgrad
+from trainers.methods.mtl.pcgrad import pcgrad_weights
 
-__all__ = ["SumCombiner", "PCGradCombiner", "NashCombiner", "interval_gradients", "write_gradient"]
+__all__ = ["SumCombiner", "PCGradCombiner", "NashCombiner", "interval_gradients", "task_gradients", "write_gradient"]
 
 
 def interval_gradients(task_loss: torch.Tensor, active: torch.Tensor, params: list[nn.Parameter],
@@ -51,6 +51,16 @@ def interval_gradients(task_loss: torch.Tensor, active: torch.Tensor, params: li
         grads[idx] = torch.cat([(g if g is not None else torch.zeros(len(idx), *p.shape, device=p.device))
                                 .reshape(len(idx), -1) for g, p in zip(per_param, params)], dim=1)
     return runtime.all_reduce(grads, op="mean") if runtime.world_size > 1 else grads
+
+
+def task_gradients(task_loss: torch.Tensor, active: torch.Tensor, params: list[nn.Parameter], runtime: Any,
+                   capture: Optional[GroupedGradientCapture] = None,
+                   task: Optional[torch.Tensor] = None) -> TaskGradients:
+    """The interval gradients as a Gram matrix plus a weighted-sum writer: layer by layer from the
+    captured layer I/O (no [K, P] matrix), else from the batched backward's [K, P] matrix."""
+    if capture is not None and task is not None and capture.usable():
+        return capture.task_gradients(task_loss.sum(), task, active, runtime)
+    return DenseTaskGradients(interval_gradients(task_loss, active, params, runtime), params)
 
 
 def write_gradient(flat: torch.Tensor, params: list[nn.Parameter]) -> None:
@@ -80,9 +90,9 @@ class SumCombiner:
         self._capture = GroupedGradientCapture(model, params)
         return self._capture
 
-    def _grads(self, task_loss, active, params, runtime, task):
+    def _task_gradients(self, task_loss, active, params, runtime, task) -> TaskGradients:
         capture, self._capture = getattr(self, "_capture", None), None
-        return interval_gradients(task_loss, active, params, runtime, capture, task)
+        return task_gradients(task_loss, active, params, runtime, capture, task)
 
     def combine(self, step, task_loss, task_count, active, weighter, params, runtime, task=None,
                 extra=None) -> dict[str, float]:
@@ -112,12 +122,14 @@ class PCGradCombiner(SumCombiner):
     def combine(self, step, task_loss, task_count, active, weighter, params, runtime, task=None,
                 extra=None) -> dict[str, float]:
         _no_extra(extra, self.name)
-        grads = self._grads(task_loss, active, params, runtime, task)                # [K, P]
+        grads = self._task_gradients(task_loss, active, params, runtime, task)       # Gram + writer
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        combined = pcgrad(grads[active], generator=gen)                              # mean of projected
+        idx = torch.nonzero(active.cpu()).flatten()
+        weights = torch.zeros(len(active), dtype=torch.float64)
+        weights[idx] = pcgrad_weights(grads.gram.cpu()[idx][:, idx], generator=gen)  # mean of projected
         if self.reduction == "sum":
-            combined = combined * int(active.sum())
-        write_gradient(combined, params)
+            weights = weights * len(idx)
+        grads.write(weights)
         return {}
 
 
@@ -138,16 +150,14 @@ class NashCombiner(SumCombiner):
         k = len(task_loss)
         act = active.cpu().numpy().astype(bool)
         if self.manual_sync(step):
-            grads = self._grads(task_loss, active, params, runtime, task)            # [K, P]
-            sub = grads[active]
-            gram = (sub @ sub.T).double().cpu().numpy()
+            grads = self._task_gradients(task_loss, active, params, runtime, task)   # Gram + writer
+            gram = grads.gram.cpu().numpy()[np.ix_(act, act)]
             new = nash_weights(gram, init=self.alpha[act])
             if new is None:
                 self.failures += 1                                                # keep the previous α
             else:
                 self.alpha[act] = new
-            alpha = torch.as_tensor(self.alpha * act, dtype=grads.dtype, device=grads.device)
-            write_gradient((alpha[:, None] * grads).sum(0) / k, params)
+            grads.write(torch.as_tensor(self.alpha * act / k))                    # Σ α_k g_k / K
         else:
             alpha = torch.as_tensor(self.alpha * act, dtype=task_loss.dtype, device=task_loss.device)
             ((alpha * task_loss).sum() / k).backward()

@@ -9,14 +9,24 @@ asked only for the gradients of the layer OUTPUTS, so autograd skips its own wei
 GEMMs: the whole step costs about one ordinary backward. Networks with other parameterised
 layers, or a layer used twice in a forward pass, fall back to a batched backward
 (``is_grads_batched``).
+
+PCGrad and Nash-MTL need the interval gradients only through their Gram matrix ``G = g gᵀ`` [K, K]
+and a weighted sum ``Σ_k w_k g_k`` (``mtl/pcgrad.py``, ``mtl/nash.py``). :meth:`task_gradients`
+therefore never builds the [K, P] matrix: per layer it forms the K interval gradients with ONE
+batched GEMM over the samples grouped by interval (zero-padded to the largest group), averages
+them across ranks, adds their Gram block to ``G`` and drops them; ``write(w)`` then forms the
+weighted sum as one weighted weight-gradient pass (each sample's output gradient scaled by
+``w`` of its interval), averaged across ranks like DDP's gradients.
 """
 from __future__ import annotations
+
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["GroupedGradientCapture"]
+__all__ = ["GroupedGradientCapture", "TaskGradients", "DenseTaskGradients", "LayerwiseTaskGradients"]
 
 
 def _supported(module: nn.Module) -> bool:
@@ -24,6 +34,28 @@ def _supported(module: nn.Module) -> bool:
         return True
     return (isinstance(module, nn.Conv2d) and module.kernel_size == module.stride and module.groups == 1
             and module.padding in ((0, 0), 0) and module.dilation == (1, 1))
+
+
+class TaskGradients(Protocol):
+    """The interval gradients as PCGrad and Nash use them."""
+    gram: torch.Tensor                                  # [K, K] float64, rows of inactive intervals zero
+
+    def write(self, weights: torch.Tensor) -> None: ...   # param.grad = Σ_k weights_k g_k
+
+
+class DenseTaskGradients:
+    """From a materialised [K, P] matrix (the fallback path, and tests)."""
+
+    def __init__(self, grads: torch.Tensor, params: list[nn.Parameter]):
+        self.grads, self.params = grads, params
+        self.gram = (grads.double() @ grads.double().T)
+
+    def write(self, weights: torch.Tensor) -> None:
+        flat, offset = weights.to(self.grads.device, self.grads.dtype) @ self.grads, 0
+        for p in self.params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+            offset += n
 
 
 class GroupedGradientCapture:
@@ -79,6 +111,14 @@ class GroupedGradientCapture:
                         out[group, offsets[id(p)]:offsets[id(p)] + p.numel()] = grad.reshape(-1)
         return out
 
+    def task_gradients(self, total: torch.Tensor, task: torch.Tensor, active: torch.Tensor,
+                       runtime: Any) -> "LayerwiseTaskGradients":
+        """Gram matrix of the interval gradients (averaged across ranks), layer by layer."""
+        mods = list(self.outputs)
+        deltas = torch.autograd.grad(total, [self.outputs[m] for m in mods], allow_unused=True)
+        self.grads = {m: d for m, d in zip(mods, deltas) if d is not None}
+        return LayerwiseTaskGradients(self, task, active, runtime)
+
     def _module_grads(self, module: nn.Module, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         g = self.grads.get(module)
         if g is None:
@@ -99,6 +139,105 @@ class GroupedGradientCapture:
         a2 = a.reshape(-1, a.shape[-1]).to(g.dtype)
         g2 = g.reshape(-1, g.shape[-1])
         out = {"weight": (g2.T @ a2).float()}
+        if module.bias is not None:
+            out["bias"] = g2.sum(0).float()
+        return out
+
+
+def _grouping(task: torch.Tensor, k: int) -> torch.Tensor:
+    """[K, m] sample indices grouped by interval, padded with N (an all-zero row appended)."""
+    n = len(task)
+    counts = torch.bincount(task, minlength=k)
+    order = torch.argsort(task, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(n, device=task.device) - starts[task[order]]
+    index = torch.full((k, max(int(counts.max()), 1)), n, dtype=torch.long, device=task.device)
+    index[task[order], slot] = order
+    return index
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[N, ...] -> [N, L, C] (L = 1 for a plain [N, C])."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+class LayerwiseTaskGradients:
+    """``gram`` accumulated layer by layer from a :class:`GroupedGradientCapture`; ``write(w)``
+    forms ``Σ_k w_k g_k`` from the kept layer inputs and output gradients."""
+
+    def __init__(self, capture: GroupedGradientCapture, task: torch.Tensor, active: torch.Tensor, runtime: Any):
+        self.task, self.runtime = task, runtime
+        self.modules, self.params = capture.modules, capture.params
+        self.inputs, self.grads = dict(capture.inputs), dict(capture.grads)     # kept past the capture's exit
+        k = len(active)
+        self.gram = torch.zeros(k, k, dtype=torch.float64, device=task.device)
+        index = _grouping(task, k)
+        keep = active.to(task.device)[:, None].float()
+        owned = {id(p) for p in self.params}
+        for module in self.modules:
+            blocks = [b for name, b in self._grouped(module, index).items() if id(getattr(module, name)) in owned]
+            if not blocks:
+                continue
+            flat = torch.cat([b.reshape(k, -1) for b in blocks], dim=1) * keep              # [K, P_layer]
+            if runtime.world_size > 1:
+                flat = runtime.all_reduce(flat, op="mean")
+            self.gram += (flat @ flat.T).double()
+
+    def _grouped(self, module: nn.Module, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-interval gradients of ``module``'s parameters, [K, *shape] each, one batched GEMM."""
+        g = self.grads.get(module)
+        if g is None:
+            return {}
+        a, k = self.inputs[module], index.shape[0]
+        if isinstance(module, nn.Embedding):
+            vocab = module.weight.shape[0]
+            flat = (self.task.view(-1, *([1] * (a.dim() - 1))) * vocab + a).reshape(-1)
+            w = torch.zeros(k * vocab, g.shape[-1], device=g.device).index_add_(0, flat, g.reshape(-1, g.shape[-1]).float())
+            return {"weight": w.view(k, vocab, -1)}
+        if isinstance(module, nn.Conv2d):
+            a = F.unfold(a, module.kernel_size, stride=module.stride).transpose(1, 2)    # [N, L, C·p·p]
+            g = g.flatten(2).transpose(1, 2)                                            # [N, L, D]
+        a, g = _rows(a).to(g.dtype), _rows(g)
+        pad_a = torch.cat([a, a.new_zeros(1, *a.shape[1:])])[index]                    # [K, m, L, C]
+        pad_g = torch.cat([g, g.new_zeros(1, *g.shape[1:])])[index]                    # [K, m, L, D]
+        pad_a, pad_g = pad_a.reshape(k, -1, a.shape[-1]), pad_g.reshape(k, -1, g.shape[-1])
+        out = {"weight": torch.bmm(pad_g.transpose(1, 2), pad_a).float().reshape(k, *module.weight.shape)}
+        if module.bias is not None:
+            out["bias"] = pad_g.sum(1).float()
+        return out
+
+    def write(self, weights: torch.Tensor) -> None:
+        """``param.grad = Σ_k weights_k g_k``: each sample's output gradient scaled by its interval's
+        weight, one weight-gradient pass, then averaged across ranks."""
+        scale = weights.to(self.task.device, torch.float32)[self.task]                  # [N]
+        grads: dict[int, torch.Tensor] = {}
+        for module in self.modules:
+            g = self.grads.get(module)
+            if g is None:
+                continue
+            g = g * scale.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+            for name, value in self._weighted(module, g).items():
+                grads[id(getattr(module, name))] = value
+        params = self.params
+        flat = torch.cat([grads.get(id(p), torch.zeros_like(p, dtype=torch.float32)).reshape(-1) for p in params])
+        if self.runtime.world_size > 1:
+            flat = self.runtime.all_reduce(flat, op="mean")
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype).clone()
+            offset += n
+
+    def _weighted(self, module: nn.Module, g: torch.Tensor) -> dict[str, torch.Tensor]:
+        a = self.inputs[module]
+        if isinstance(module, nn.Embedding):
+            w = torch.zeros_like(module.weight, dtype=torch.float32)
+            return {"weight": w.index_add_(0, a.reshape(-1), g.reshape(-1, g.shape[-1]).float())}
+        if isinstance(module, nn.Conv2d):
+            a = F.unfold(a, module.kernel_size, stride=module.stride).transpose(1, 2)
+            g = g.flatten(2).transpose(1, 2)
+        a2, g2 = a.reshape(-1, a.shape[-1]).to(g.dtype), g.reshape(-1, g.shape[-1])
+        out = {"weight": (g2.T @ a2).float().reshape(module.weight.shape)}
         if module.bias is not None:
             out["bias"] = g2.sum(0).float()
         return out
