@@ -62,3 +62,7 @@ def _print_summary(o, endpoint=None) -> None:
     for key in ("loss", "fd_digits", "fd_shapes", "fid", "is"):
         if key in o.metrics:
             print(f"{key:<11} {o.metrics[key]:.4f}")
+    t = getattr(o, "timings", None) or {}
+    if t:
+        print(f"time        {t['total_s']:.0f} s: Ray {t['ray_s']:.1f} s, Train workers {t['workers_s']:.1f} s, "
+              f"setup {t['setup_s']:.1f} s, training {t['train_s']:.1f} s, final evaluation {t['eval_s']:.1f} s")

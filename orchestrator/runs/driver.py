@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from orchestrator.infra.checkpoints import base_reference, latest_step, resolve_checkpoint
@@ -22,6 +23,7 @@ from orchestrator.infra.session import connect_ray
 from orchestrator.infra.storage import Storage, StorageError, open_storage
 from orchestrator.infra.patient_fs import patient
 from orchestrator.infra.retry import Backoff, first_line, retry_call
+from orchestrator.runs.reporter import TIMINGS
 from orchestrator.infra.tracking import (STORAGE_TAG, MetricSpool, check_tracking, ensure_experiment,
                                          find_or_create_run, log_params, quick_http_failures, replay_spool,
                                          resolve_tracking_uri)
@@ -59,6 +61,7 @@ class TrainOutcome:
     resumed: bool
     storage_uri: str
     metrics: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)   # seconds per phase (phase_timings)
 
 
 def _git_commit() -> Optional[str]:
@@ -313,9 +316,12 @@ def _storage_outage_in(err: BaseException, prep: PreparedRun) -> Optional[UserEr
 
 def run_training(req: TrainRequest) -> TrainOutcome:
     quick_http_failures()                            # MLflow calls fail in seconds; retries are ours
+    clock = {"start": time.time()}
     prep = prepare_run(req)
     resumed_storage = prep.storage.exists(prep.name, SNAPSHOT) or latest_step(prep.storage, prep.name) is not None
+    clock["ray_start"] = time.time()
     connect_ray(req.address)
+    clock["ray_end"] = time.time()
     num_nodes = _check_cluster(prep.storage)
     _check_data_cpus(prep.cfg)
     _check_gpus(prep.cfg, req.address)
@@ -326,9 +332,11 @@ def run_training(req: TrainRequest) -> TrainOutcome:
         verb = "resuming" if resumed_storage else "starting"
         print(f"denoiselab: {verb} run {prep.name} ({prep.cfg.scaling.num_workers} worker(s), "
               f"{num_nodes} node(s)); checkpoints in {prep.storage.uri_of(prep.name)}{_ray_logs()}", file=sys.stderr)
+    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
     client = MlflowClient(prep.tracking_uri)
     try:
+        clock["fit_start"] = time.time()
         result = _trainer(prep, req.train_callbacks).fit()
     except (KeyboardInterrupt, SystemExit) as err:
         # Ray Train installs its own SIGINT handler during fit(): it aborts the run and exits the
@@ -359,8 +367,34 @@ def run_training(req: TrainRequest) -> TrainOutcome:
         from orchestrator.jobs.evaluation import final_eval_metrics
         metrics.update(final_eval_metrics(client, run_id))
     _bookkeeping(finish, prep.cfg, "recording the end of the run")
+    timings = phase_timings(clock, _worker_stamps(prep), time.time())
+    if timings:
+        _bookkeeping(lambda: client.log_batch(run_id, metrics=[
+            Metric(f"time/{k}", v, int(time.time() * 1000), prep.cfg.train.steps) for k, v in timings.items()]),
+            prep.cfg, "logging the phase timings")
     return TrainOutcome(prep.name, run_id, prep.tracking_uri, checkpoint_uri, resumed_storage,
-                        prep.storage.uri_of(prep.name), metrics)
+                        prep.storage.uri_of(prep.name), metrics, timings)
+
+
+def _worker_stamps(prep) -> dict:
+    import json
+    try:
+        return json.loads(prep.storage.read_bytes(prep.name, *TIMINGS))
+    except (OSError, ValueError):
+        return {}
+
+
+def phase_timings(clock: dict, stamps: dict, end: float) -> dict[str, float]:
+    """Seconds per phase of a run: starting Ray, starting the Train worker group, the worker's
+    setup (data, resume, model), the training loop, waiting for the final evaluation, and the
+    whole command. Empty when the worker left no stamps (e.g. an older worker)."""
+    need = ("worker_start", "train_end", "train_s", "eval_end")
+    if not all(k in stamps for k in need) or "fit_start" not in clock:
+        return {}
+    loop_start = stamps["train_end"] - stamps["train_s"]
+    return {"ray_s": clock["ray_end"] - clock["ray_start"], "workers_s": stamps["worker_start"] - clock["fit_start"],
+            "setup_s": loop_start - stamps["worker_start"], "train_s": stamps["train_s"],
+            "eval_s": stamps["eval_end"] - stamps["train_end"], "total_s": end - clock["start"]}
 
 
 def _bookkeeping(fn, cfg: RunConfig, what: str) -> None:

@@ -21,6 +21,7 @@ import os
 import posixpath
 import tempfile
 import threading
+import time
 from typing import Callable, Optional
 
 from orchestrator.infra.retry import Backoff, first_line, retry_call
@@ -85,12 +86,17 @@ class CheckpointUpload:
         return ray.train.Checkpoint(dest, fs)                             # RAY
 
 
+TIMINGS = ("denoiselab", "timings.json")    # the worker's phase stamps (unix seconds), read by the driver
+
+
 class RayReporter:
     def __init__(self, tracker, storage: Storage, run_name: str, is_main: bool,
-                 progress: Optional[ProgressLine] = None, evaluator=None, retry_seconds: float = 900.0):
+                 progress: Optional[ProgressLine] = None, evaluator=None, retry_seconds: float = 900.0,
+                 stamps: Optional[dict] = None):
         self.tracker, self.storage, self.run_name = tracker, storage, run_name
         self.is_main, self.progress, self.evaluator = is_main, progress, evaluator
         self.upload = CheckpointUpload(storage, retry_seconds)
+        self.stamps = dict(stamps or {})
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.tracker.add(step, metrics)
@@ -138,8 +144,15 @@ class RayReporter:
                 self.artifact(f"plots/{name[len('summaries/'):-5]}.png", figure_png(fig))
 
     def close(self, summary: dict) -> None:
+        self.stamps.update(train_end=time.time(), train_s=float(summary.get("seconds", 0.0)))
         if self.evaluator is not None:
             self.evaluator.drain()
+        self.stamps["eval_end"] = time.time()
+        if self.is_main:
+            try:
+                self.storage.write_bytes(json.dumps(self.stamps).encode(), self.run_name, *TIMINGS)
+            except OSError:
+                pass                                  # timings are a summary line, never a reason to fail
         self.upload.wait()                        # the last checkpoints' metrics are sent (or spooled) below
         self.tracker.flush()
         self.tracker.close()

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any, Optional
 
 import torch
@@ -165,6 +166,7 @@ def _quiet_ray_train_logs() -> None:
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    stamps = {"worker_start": time.time()}
     _quiet_ray_train_logs()
     torch.set_num_threads(max(1, int(payload.get("threads", 1))))
     cfg = load_config(payload["config"])
@@ -190,7 +192,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         evaluator = AsyncEvaluator(cfg, payload["tracking_uri"], payload["run_id"], storage, run_name,
                                    decoder=payload.get("decoder"))
     reporter = RayReporter(tracker, storage, run_name, runtime.is_main, progress, evaluator,
-                           retry_seconds=cfg.storage.retry_seconds)
+                           retry_seconds=cfg.storage.retry_seconds, stamps=stamps)
     init, base_ref = _initial_weights(cfg, payload, resume)
     train(cfg, runtime, reporter, batches, resume=resume, init=init, base_ref=base_ref,
           intervals=Intervals.from_list(payload["intervals"]))

@@ -223,3 +223,15 @@ def test_summary_prints_only_what_exists(tmp_path):
     with contextlib.redirect_stdout(buf):
         _print_summary(outcome)
     assert f"samples     {run_dir}/denoiselab/artifacts/samples/final.png" in buf.getvalue()
+    assert "time" not in buf.getvalue()
+    from orchestrator.runs.driver import phase_timings
+    timings = phase_timings({"start": 0.0, "ray_start": 1.0, "ray_end": 6.0, "fit_start": 7.0},
+                            {"worker_start": 15.0, "train_end": 80.0, "train_s": 60.0, "eval_end": 95.0}, 97.0)
+    assert timings == {"ray_s": 5.0, "workers_s": 8.0, "setup_s": 5.0, "train_s": 60.0, "eval_s": 15.0,
+                       "total_s": 97.0}
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        _print_summary(TrainOutcome("r", "abc", "sqlite:///x.db", None, False, str(run_dir), {}, timings))
+    assert ("time        97 s: Ray 5.0 s, Train workers 8.0 s, setup 5.0 s, training 60.0 s, final evaluation "
+            "15.0 s") in buf.getvalue()
+    assert phase_timings({"start": 0.0}, {}, 1.0) == {}

@@ -42,6 +42,11 @@ def test_two_gloo_workers_local_storage(local_ray, tmp_path):
     assert run.data.params["train.steps"] == "40" and run.data.params["plan.methods"] == "vanilla"
     assert run.data.tags["checkpoint.final"].endswith("two-workers/step_00000040")
     assert run.info.status == "FINISHED"
+    t = out.timings                                   # the summary's phases, also logged as time/* metrics
+    assert set(t) == {"ray_s", "workers_s", "setup_s", "train_s", "eval_s", "total_s"}
+    assert all(v >= 0 for v in t.values()) and t["train_s"] > 0
+    assert t["total_s"] >= t["workers_s"] + t["setup_s"] + t["train_s"] + t["eval_s"]
+    assert run.data.metrics["time/train_s"] == pytest.approx(t["train_s"])
 
 
 def test_mlflow_server_with_proxied_artifacts(local_ray, s3, mlflow_server, tmp_path):
