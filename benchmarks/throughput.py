@@ -39,7 +39,8 @@ def measure(model: str, method: str, args) -> dict:
     data = ArrayDataset(torch.randn(max(args.batch * 4, 64), args.channels, args.size, args.size),
                         torch.randint(0, 1000, (max(args.batch * 4, 64),)), 1000)
     cfg = load_config({"model": {"name": model}, "intervals": {"count": 8}, "methods": METHODS[method],
-                       "train": {"batch_size": args.batch, "precision": args.precision, "compile": args.compile}})
+                       "train": {"batch_size": args.batch, "precision": args.precision, "compile": args.compile,
+                                 "adamw": args.adamw}})
     batches = StepBatches(data, args.batch)
     state = build_state(cfg, LocalRuntime(args.device), batches)
     times = []
@@ -88,6 +89,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--adamw", default="auto", help="auto | fused | foreach | loop (train.adamw)")
     p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: from PEAK_TFLOPS)")
     args = p.parse_args()
     args.peak_tflops = device_peak(args.device, args.peak_tflops)
@@ -105,7 +107,7 @@ def main() -> None:
             print_table([row], list(row))
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     print(f"\n{name}, batch {args.batch}, {args.channels}x{args.size}x{args.size}, {args.precision}, "
-          f"compile={args.compile}, median of {args.steps} steps after {args.warmup} warm-up")
+          f"compile={args.compile}, adamw={args.adamw}, median of {args.steps} steps after {args.warmup} warm-up")
     columns = ["model", "method", "params_M", "gflops_per_image", "ms_per_step", "images_per_s", "tflops",
                "time_vs_vanilla", "peak_mem_GiB"]
     print_table(rows, columns + (["mfu"] if args.peak_tflops else []))
