@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
 
+from orchestrator.infra.retry import first_line
 from orchestrator.infra.storage import ENDPOINT_VARS
 from trainers.errors import UserError
 
@@ -117,7 +118,7 @@ def connect_ray(address: Optional[str]) -> None:
         ray.init(**{"address": address, **local}, runtime_env={"env_vars": env}, logging_level="ERROR",
                  configure_logging=True, log_to_driver=True)
     except (ConnectionError, RuntimeError, TimeoutError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        first = first_line(err, 300)
         hint = ("; the cluster has token authentication on: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or copy "
                 "the head's ~/.ray/auth_token)") if "auth" in first.lower() else ""
         raise UserError(f"{'--address' if address else 'ray'}: cannot connect to {address or 'Ray'}: {first}{hint}") from None

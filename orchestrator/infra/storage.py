@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from orchestrator.infra.retry import first_line
 from trainers.errors import UserError
 
 __all__ = ["StorageError", "Storage", "open_storage", "endpoint_from_env", "CREDENTIAL_VARS", "SECRET_VARS",
@@ -93,7 +94,7 @@ class Storage:
         except StorageError:
             raise
         except OSError as err:
-            first = str(err).splitlines()[0][:160]
+            first = first_line(err)
             raise StorageError(f"storage.path: cannot reach {self.uri} "
                                f"(endpoint {self.endpoint or 'default'}): {first}; check storage.endpoint, "
                                f"network and AWS credentials") from None

@@ -104,6 +104,7 @@ class PreparedRun:
     payload: dict
     datasets: dict
     plan: dict
+    experiment_id: str = ""
 
 
 def prepare_run(req: TrainRequest) -> PreparedRun:
@@ -114,7 +115,7 @@ def prepare_run(req: TrainRequest) -> PreparedRun:
     storage = open_storage(cfg.storage.path, cfg.storage.endpoint, cfg.storage.region)
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     check_tracking(tracking_uri)
-    ensure_experiment(tracking_uri, cfg.tracking.experiment)      # refused credentials: one line, before Ray
+    experiment_id = ensure_experiment(tracking_uri, cfg.tracking.experiment)  # refused credentials: one line, before Ray
     name = run_name_for(cfg)
     if req.restart:
         name = _restart_name(storage, name)
@@ -145,7 +146,7 @@ def prepare_run(req: TrainRequest) -> PreparedRun:
     elif plan.freeze_backbone:
         raise ConfigError(f"init_from: methods {'+'.join(plan.key)} patch a frozen, pretrained model; "
                           f"set init_from=RUN_OR_CHECKPOINT (a run name, checkpoint directory or state.pt)")
-    return PreparedRun(cfg, name, storage, tracking_uri, payload, datasets, plan.describe())
+    return PreparedRun(cfg, name, storage, tracking_uri, payload, datasets, plan.describe(), experiment_id)
 
 
 def _check_base(cfg: RunConfig, ref, data_meta: Optional[dict]) -> dict:
@@ -222,7 +223,7 @@ def _check_cluster(storage: Storage) -> int:
 
 def _start_tracking(prep: PreparedRun, req: TrainRequest, num_nodes: int, fresh: bool) -> tuple[str, bool]:
     cfg = prep.cfg
-    exp = ensure_experiment(prep.tracking_uri, cfg.tracking.experiment)
+    exp = prep.experiment_id or ensure_experiment(prep.tracking_uri, cfg.tracking.experiment)
     tags = {STORAGE_TAG: prep.storage.uri_of(prep.name), "denoiselab.cluster_nodes": str(num_nodes),
             "denoiselab.workers": str(cfg.scaling.num_workers)}
     commit = _git_commit()
