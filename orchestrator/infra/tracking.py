@@ -158,6 +158,8 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
 
 class NullTracker:
     """What non-zero ranks get: every call is a no-op."""
+    committed = 0
+
     def add(self, step: int, metrics: dict[str, float]) -> None: ...
     def logged_step(self, key: str = "loss") -> int: return 0
     def detach(self) -> list: return []

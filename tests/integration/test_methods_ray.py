@@ -41,7 +41,7 @@ def test_methods_train_on_two_workers(local_ray, tmp_path, label):
     assert len(client.get_metric_history(out.run_id, "interval/loss_3")) >= 3
     if "curriculum" in label:
         stages = [m.value for m in sorted(client.get_metric_history(out.run_id, "curriculum/stage"), key=lambda m: m.step)]
-        assert stages[0] < stages[-1] and stages == sorted(stages)           # the adaptive pacer advanced
+        assert max(stages) > 1 and stages == sorted(stages)                  # the adaptive pacer advanced
         plot = tmp_path / "runs" / f"m-{label}" / "denoiselab" / "artifacts" / "plots" / "curriculum_stage.png"
         assert plot.read_bytes()[:4] == b"\x89PNG"
         assert "plots/curriculum_stage.png" in [f.path for f in client.list_artifacts(out.run_id, "plots")]

@@ -163,3 +163,11 @@ def test_a_fresh_run_under_a_reused_name_gets_its_own_mlflow_run(tmp_path):
     tracker.add(1, {"loss": 1.0})
     tracker.flush()
     assert [m.step for m in tracker.client.get_metric_history(fresh, "loss")] == [1]
+
+
+def test_the_null_tracker_answers_everything_the_worker_tracker_does():
+    """Non-zero ranks get a NullTracker: any attribute the worker code may touch on rank 0 must
+    exist there too (a resume past a damaged checkpoint once set ``committed`` on every rank)."""
+    from orchestrator.infra.tracking import NullTracker
+    public = {n for n in dir(WorkerTracker) if not n.startswith("_")} | {"committed"}
+    assert not public - set(dir(NullTracker)), sorted(public - set(dir(NullTracker)))
