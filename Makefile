@@ -26,8 +26,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/denoiselab train orchestrator/experiments/quickstart.yaml
 
+# `make test`: the integration tests (real services, in file order) and, beside them in a second
+# process, the unit, method and GPU tests (one thread each; their report follows). With
+# PYTEST_ARGS (paths, -k, -m ...) it is one plain pytest run.
 test: $(STAMP)
+ifeq ($(strip $(PYTEST_ARGS)),)
+	@$(PY) -m pytest -q -ra -p no:cacheprovider tests/unit tests/methods tests/gpu > $(VENV)/unit-tests.log 2>&1 & \
+	  unit=$$!; $(PY) -m pytest -q -ra tests/integration; integration=$$?; wait $$unit; units=$$?; \
+	  echo "== tests/unit, tests/methods, tests/gpu (run beside the integration tests)"; \
+	  cat $(VENV)/unit-tests.log; test $$integration -eq 0 -a $$units -eq 0
+else
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+endif
 
 bench: $(STAMP)
 	$(PY) benchmarks/method_overhead.py

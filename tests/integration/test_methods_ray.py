@@ -11,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.runs.driver import TrainRequest, run_training
+from orchestrator.runs.local import train_local
 from orchestrator.jobs.affinity import AffinityRequest, run_affinity
 from tests.helpers import ray_run_dict
 from trainers.config import load_config
@@ -63,7 +64,7 @@ def test_affinity_job_feeds_an_affinity_run(local_ray, tmp_path):
     runs = tmp_path / "runs"
     base = ray_run_dict(name="tas-src", storage={"path": str(runs)},
                        tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tas"})
-    run_training(TrainRequest(load_config(base), quiet=True))
+    train_local(load_config(base))                     # the source checkpoint (in-process: the job is the subject)
     result = run_affinity(AffinityRequest(("tas-src",), str(tmp_path / "tas"), stride=20, num_images=32, batch=16,
                                           dim=512, count=3, workers=2, storage=str(runs),
                                           tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"))
