@@ -29,11 +29,23 @@ METHODS = {
     "vanilla": {},
     "ant-uw": {"ant": {"mtl": "uw"}},
     "ant-pcgrad": {"ant": {"mtl": "pcgrad"}},
+    "ant-pcgrad-kxp": {"ant": {"mtl": "pcgrad"}},        # the [K, P]-matrix path it replaced (dense_kxp)
     "ant-nash": {"ant": {"mtl": "nash", "nash_every": 25}},
     "dtr": {"dtr": {}},
     "curriculum": {"curriculum": {"clusters": 20, "pacing": "adaptive", "patience": 200}},
     "dtr+ant-uw": {"dtr": {}, "ant": {"mtl": "uw"}},
 }
+
+
+def dense_kxp(combiner) -> None:
+    """PCGrad/Nash as before 2026-12-03: the [K, P] interval-gradient matrix from the captured
+    layer I/O (K index-selects and GEMMs per layer), then the Gram and the weighted sum on it."""
+    from trainers.methods.grouped_grads import DenseTaskGradients
+
+    def task_gradients(task_loss, active, params, runtime, task):
+        capture, combiner._capture = combiner._capture, None
+        return DenseTaskGradients(capture.gradients(task_loss.sum(), task, active), params)
+    combiner._task_gradients = task_gradients
 
 
 def make_state(method: str, model: str, batch: int, image_size: int, device: str, precision: str):
@@ -42,7 +54,10 @@ def make_state(method: str, model: str, batch: int, image_size: int, device: str
                        "methods": METHODS[method], "train": {"batch_size": batch, "precision": precision}})
     dataset = (make_shapes(512, image_size, 4, 0) if image_size > 8 else builtin_dataset(cfg.data))
     batches = StepBatches(dataset, batch)
-    return build_state(cfg, LocalRuntime(device), batches), batches
+    state = build_state(cfg, LocalRuntime(device), batches)
+    if method.endswith("-kxp"):
+        dense_kxp(state.plan.combiner)
+    return state, batches
 
 
 def timed_steps(state, batches, start: int, steps: int, device: str) -> list[float]:

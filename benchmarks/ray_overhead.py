@@ -63,8 +63,9 @@ def main() -> None:
     import ray
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        from orchestrator.infra.session import connect_ray
         t0 = time.perf_counter()
-        ray.init(num_cpus=2, logging_level="ERROR")
+        connect_ray(None)                  # the embedded instance exactly as `denoiselab train` starts it
         ray_init_s = time.perf_counter() - t0
         for r in range(args.repeats):
             local_sps, local_wall = in_process(config(args.steps, tmp, f"local-{r}"), tmp)

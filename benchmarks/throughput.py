@@ -32,7 +32,7 @@ PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}    # dense bf16, SXM
 
 METHODS = {"vanilla": {}, "dtr": {"dtr": {}}, "ant-uw": {"ant": {"mtl": "uw"}},
            "dtr+ant-uw": {"dtr": {}, "ant": {"mtl": "uw"}}, "ant-pcgrad": {"ant": {"mtl": "pcgrad"}},
-           "ant-nash": {"ant": {"mtl": "nash"}}}
+           "ant-pcgrad-kxp": {"ant": {"mtl": "pcgrad"}}, "ant-nash": {"ant": {"mtl": "nash"}}}
 
 
 def measure(model: str, method: str, args) -> dict:
@@ -43,6 +43,9 @@ def measure(model: str, method: str, args) -> dict:
                                  "adamw": args.adamw}})
     batches = StepBatches(data, args.batch)
     state = build_state(cfg, LocalRuntime(args.device), batches)
+    if method.endswith("-kxp"):                       # the [K, P]-matrix path, for a before/after in one run
+        from benchmarks.method_overhead import dense_kxp
+        dense_kxp(state.plan.combiner)
     times = []
     for step in range(args.warmup + args.steps):
         x0, y = batches.get(step)
@@ -81,7 +84,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", default="DiT-S/2,DiT-B/2")
-    p.add_argument("--methods", default="vanilla,dtr,ant-uw,dtr+ant-uw,ant-pcgrad,ant-nash")
+    p.add_argument("--methods", default="vanilla,dtr,ant-uw,dtr+ant-uw,ant-pcgrad,ant-pcgrad-kxp,ant-nash")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--channels", type=int, default=4)

@@ -111,7 +111,7 @@ def test_storage_outage_beyond_the_budget_stops_cleanly_and_the_rerun_recovers(l
     """Storage away longer than storage.retry_seconds: one clear error. The re-run skips the
     truncated newest checkpoint, resumes from the one before, and the history has each step once."""
     s3, proxy = services["s3"], services["proxy"]
-    raw = _config(services, "budget", steps=400, every=100, storage={"retry_seconds": 3})
+    raw = _config(services, "budget", steps=300, every=100, storage={"retry_seconds": 3})
     cut: dict[str, bool] = {}
 
     def outage() -> None:
@@ -127,7 +127,7 @@ def test_storage_outage_beyond_the_budget_stops_cleanly_and_the_rerun_recovers(l
     assert cut.get("done")
     proxy.start()
     stored = _stored_steps(s3, "budget")
-    assert 200 <= stored[-1] < 400
+    assert 200 <= stored[-1] < 300
     latest = f"faults/budget/step_{stored[-1]:08d}/{STATE_FILE}"
     body = s3["client"].get_object(Bucket="denoiselab", Key=latest)["Body"].read()
     s3["client"].put_object(Bucket="denoiselab", Key=latest, Body=body[: len(body) // 3])   # truncated
@@ -136,5 +136,5 @@ def test_storage_outage_beyond_the_budget_stops_cleanly_and_the_rerun_recovers(l
     said = "\n".join(line for line in capfd.readouterr().err.splitlines() if "denoiselab:" in line)
     assert f"step_{stored[-1]:08d} is unusable" in said and "checksum mismatch" in said, said
     assert f"resumes from step {stored[-2]}" in said, said
-    assert _loss_steps(out.tracking_uri, out.run_id) == list(range(10, 401, 10))
-    _check_every_checkpoint(s3, "budget", list(range(100, 401, 100)))
+    assert _loss_steps(out.tracking_uri, out.run_id) == list(range(10, 301, 10))
+    _check_every_checkpoint(s3, "budget", list(range(100, 301, 100)))
