@@ -16,9 +16,11 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	@# Install torch first (CPU wheel on this machine) unless one is already present,
 	@# so the resolver never pulls a multi-GB CUDA build for a plain `torch` requirement.
-	@# --no-compile: byte-code is written on first import instead, only for what is imported (half the install time)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --no-compile $(TORCH_SPEC)
-	$(PY) -m pip install -q --no-compile -e ".[test]"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[test]"
+	@# byte-code of the project's own packages (pip compiles the dependencies; imports never write it
+	@# where PYTHONDONTWRITEBYTECODE is set, and every Ray worker process imports these)
+	$(PY) -m compileall -q orchestrator trainers search
 	$(PY) -m pip freeze > $(VENV)/resolved.txt
 	touch $(STAMP)
 
