@@ -202,7 +202,7 @@ class DivergenceWatch:
         loss = out.glob[1].sum()
         if self.first is None:
             self.first, self.value = torch.zeros((), dtype=torch.int64, device=loss.device), torch.zeros_like(loss)
-        new = (self.first == 0) & ~torch.isfinite(loss)
+        new = (self.first == 0) & ~out.finite()
         self.first = torch.where(new, step, self.first)
         self.value = torch.where(new, loss, self.value)
 

@@ -25,6 +25,14 @@ def _setup(methods: dict):
     return state, batches
 
 
+def _interval_losses(state, batches):
+    """(per-interval mean losses [K], interval of each sample [N], active intervals [K]) of step 0."""
+    loss_n, _, t = _per_sample_loss(state, *batches.get(0), 0)
+    task = state.intervals.task_id(t)
+    counts = torch.bincount(task, minlength=4).float()
+    return torch.zeros(4).index_add(0, task, loss_n) / counts.clamp(min=1), task, counts > 0
+
+
 @pytest.mark.parametrize("methods", [{"ant": {"mtl": "pcgrad"}}, {"dtr": {}, "ant": {"mtl": "pcgrad", "sampling": "iid"}}])
 def test_grouped_equals_separate_backwards(methods):
     state, batches = _setup(methods)
@@ -32,12 +40,7 @@ def test_grouped_equals_separate_backwards(methods):
     capture = GroupedGradientCapture(state.raw_model, params)
     assert capture.complete
     with capture:
-        loss_n, _, t = _per_sample_loss(state, *batches.get(0), 0)
-        task = state.intervals.task_id(t)
-        sums = torch.zeros(4).index_add(0, task, loss_n)
-        counts = torch.bincount(task, minlength=4).float()
-        task_loss = sums / counts.clamp(min=1)
-        active = counts > 0
+        task_loss, task, active = _interval_losses(state, batches)
         reference = interval_gradients(task_loss, active, params, LocalRuntime())          # batched backward
         assert capture.usable()
         grouped = capture.gradients(task_loss.sum(), task, active)
@@ -65,12 +68,7 @@ def test_layerwise_gram_and_weighted_sum_equal_the_dense_matrix(methods):
     params = state.trainable()
     capture = GroupedGradientCapture(state.raw_model, params)
     with capture:
-        loss_n, _, t = _per_sample_loss(state, *batches.get(0), 0)
-        task = state.intervals.task_id(t)
-        sums = torch.zeros(4).index_add(0, task, loss_n)
-        counts = torch.bincount(task, minlength=4).float()
-        task_loss = sums / counts.clamp(min=1)
-        active = counts > 0
+        task_loss, task, active = _interval_losses(state, batches)
         reference = interval_gradients(task_loss, active, params, LocalRuntime())          # [K, P]
         layerwise = capture.task_gradients(task_loss.sum(), task, active, LocalRuntime())
     dense = reference.double() @ reference.double().T

@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 
 from trainers.errors import ConfigError
-from trainers.methods.grouped_grads import DenseTaskGradients, GroupedGradientCapture, TaskGradients
+from trainers.methods.grouped_grads import (DenseTaskGradients, GroupedGradientCapture, TaskGradients,
+                                           write_gradient)
 from trainers.methods.mtl.nash import nash_weights
 from trainers.methods.mtl.pcgrad import pcgrad_weights
 
@@ -61,14 +62,6 @@ def task_gradients(task_loss: torch.Tensor, active: torch.Tensor, params: list[n
     if capture is not None and task is not None and capture.usable():
         return capture.task_gradients(task_loss.sum(), task, active, runtime)
     return DenseTaskGradients(interval_gradients(task_loss, active, params, runtime), params)
-
-
-def write_gradient(flat: torch.Tensor, params: list[nn.Parameter]) -> None:
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
 
 
 def _no_extra(extra, name: str) -> None:

@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["GroupedGradientCapture", "TaskGradients", "DenseTaskGradients", "LayerwiseTaskGradients"]
+__all__ = ["GroupedGradientCapture", "TaskGradients", "DenseTaskGradients", "LayerwiseTaskGradients",
+           "write_gradient"]
 
 
 def _supported(module: nn.Module) -> bool:
@@ -34,6 +35,15 @@ def _supported(module: nn.Module) -> bool:
         return True
     return (isinstance(module, nn.Conv2d) and module.kernel_size == module.stride and module.groups == 1
             and module.padding in ((0, 0), 0) and module.dilation == (1, 1))
+
+
+def write_gradient(flat: torch.Tensor, params: list[nn.Parameter]) -> None:
+    """``param.grad`` of each parameter from its slice of the flat [P] vector (in ``params`` order)."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype).clone()
+        offset += n
 
 
 class TaskGradients(Protocol):
@@ -51,11 +61,7 @@ class DenseTaskGradients:
         self.gram = (grads.double() @ grads.double().T)
 
     def write(self, weights: torch.Tensor) -> None:
-        flat, offset = weights.to(self.grads.device, self.grads.dtype) @ self.grads, 0
-        for p in self.params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
-            offset += n
+        write_gradient(weights.to(self.grads.device, self.grads.dtype) @ self.grads, self.params)
 
 
 class GroupedGradientCapture:
@@ -222,11 +228,7 @@ class LayerwiseTaskGradients:
         flat = torch.cat([grads.get(id(p), torch.zeros_like(p, dtype=torch.float32)).reshape(-1) for p in params])
         if self.runtime.world_size > 1:
             flat = self.runtime.all_reduce(flat, op="mean")
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype).clone()
-            offset += n
+        write_gradient(flat, params)
 
     def _weighted(self, module: nn.Module, g: torch.Tensor) -> dict[str, torch.Tensor]:
         a = self.inputs[module]
