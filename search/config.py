@@ -15,6 +15,7 @@ scheduler, the sampler and the search space::
     sampler: {kind: tpe}               # tpe (multivariate) | random | grid
     seed: 0
     space: {ant: {count: [2, 8]}, dtr: {}}
+    arms: {vanilla: {}, dtr: {methods.dtr: {active_ratio: 0.8}}}   # named override bundles: space {arm: {}}
 
 Unknown keys are errors (``trainers.configlib.from_dict``); every mistake raises
 :class:`StudyError` with one line naming the field and the fix.
@@ -104,6 +105,7 @@ class StudyConfig:
     output: Optional[str] = None        # local outputs; default ./runs/studies/<name>
     max_failures: int = 1               # restarts of a crashed trial (it resumes its own Train run)
     space: dict[str, Any] = field(default_factory=dict)
+    arms: dict[str, Any] = field(default_factory=dict)   # name -> {dotted.key: value}; the `arm` space picks one
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -117,6 +119,12 @@ class StudyConfig:
             raise StudyError("max_failures: must be >= 0")
         if not self.space:
             raise StudyError("space: empty; select at least one space, e.g. space: {optim: {}, ant: {}}")
+        for arm, bundle in self.arms.items():
+            if not _NAME.match(str(arm)):
+                raise StudyError(f"arms.{arm}: an arm name is 1-64 letters, digits, '_', '-' or '.'")
+            if bundle is not None and not isinstance(bundle, dict):
+                raise StudyError(f"arms.{arm}: expected a mapping of run-config overrides, e.g. "
+                                 f"{{methods.dtr: {{active_ratio: 0.8}}}} (or {{}} for the base config)")
 
     @property
     def output_dir(self) -> Path:

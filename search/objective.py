@@ -7,7 +7,9 @@ orchestrator's training driver (docs/platform.md, "Ray Tune, Optuna and ASHA").
 * Ray Tune's ``TuneReportCallback`` rides on the Train ``RunConfig``: every ``ray.train.report``
   of rank 0 (a checkpoint every ``train.checkpoint_every`` steps) reaches Tune, where ASHA and
   Optuna see it. The study's metric is checked on the first result (``search.tuner``). The
-  trial ends by reporting the run's final metrics once more (evaluation metrics included).
+  trial ends by reporting the run's final metrics once more (evaluation metrics included); a
+  study without a scheduler whose metric is an evaluation metric (a comparison of arms by
+  FD-digits) gets only that final report.
 * The MLflow run is a child of the study's parent run (tag ``mlflow.parentRunId``); the parent
   run and the experiment are created once on the Tune driver before any trial starts.
 * A MEME expert-set config makes a trial of its own kind: the whole set trains (one Ray Train
@@ -26,6 +28,7 @@ class TrialContext:
     study: str
     base: dict                  # the resolved base run config (plain dict, every default filled in)
     parent_run_id: str          # the study's MLflow parent run
+    final_only: bool = False    # report once, at the end (no scheduler acts on the checkpoints' reports)
 
 
 def trial_run_name(study: str, trial_id: str) -> str:
@@ -60,8 +63,9 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     if cfg.methods.meme is not None and cfg.methods.meme.expert is None:
         ray.tune.report(_expert_set_trial(cfg, context))                     # RAY: one result, at the end
         return
+    callbacks = () if context.final_only else (TuneReportCallback(),)      # RAY: Train -> Tune results
     outcome = run_training(TrainRequest(cfg, parent_run_id=context.parent_run_id, quiet=True,
-                                        train_callbacks=(TuneReportCallback(),)))  # RAY: Train -> Tune results
+                                        train_callbacks=callbacks))
     final = {k: float(v) for k, v in outcome.metrics.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if final:

@@ -18,6 +18,7 @@ __all__ = ["TrialRecord", "collect_trials", "mark_child_runs", "fail_orphans", "
            "write_outputs", "register_best"]
 
 _STATUS = {"TERMINATED": "finished", "ERROR": "error"}
+LABELS = ("arm", "seed")                 # trial labels from the arm and seed spaces (search.spaces)
 
 
 @dataclass
@@ -104,6 +105,9 @@ def mark_child_runs(records: list[TrialRecord], tracking_uri: str, experiment_id
         client.set_tag(rec.run_id, "search.stopped_early", str(rec.stopped_early).lower())
         if rec.optuna_number is not None:
             client.set_tag(rec.run_id, "search.optuna_trial", str(rec.optuna_number))
+        for label in LABELS:                                   # arm / seed of a comparison study
+            if label in rec.params:
+                client.set_tag(rec.run_id, f"search.{label}", str(rec.params[label]))
         if rec.status == "stopped" or (run.info.status == "RUNNING" and rec.status != "unfinished"):
             # a trial ASHA stopped ended as planned (its driver saw the stop as an error or never returned)
             client.set_terminated(rec.run_id, "FAILED" if rec.status == "error" else "FINISHED")
@@ -145,13 +149,19 @@ def _short(overrides: dict[str, Any]) -> str:
     return ", ".join(items) or "(base config)"
 
 
+def _described(rec: TrialRecord) -> str:
+    """An arm trial by its labels (its overrides are the arm's), any other by its overrides."""
+    labels = [f"{k}={rec.params[k]}" for k in LABELS if k in rec.params]
+    return ", ".join(labels) if "arm" in rec.params else ", ".join(labels + [_short(rec.overrides)])
+
+
 def leaderboard_text(records: list[TrialRecord], metric: str, mode: str, top: int = 10) -> str:
     """Full-budget trials first (ranked by the metric), then trials stopped early, then the rest."""
     lines = [f"{'rank':>4}  {'trial':<14} {metric:>10}  {'steps':>6}  {'status':<9} overrides"]
     for i, rec in enumerate(_ranked(records, mode)[:top], 1):
         value = f"{rec.value:.4f}" if rec.value is not None else "-"
         lines.append(f"{i:>4}  {rec.trial_id:<14} {value:>10}  {rec.step or '-':>6}  {rec.status:<9} "
-                     f"{_short(rec.overrides)}")
+                     f"{_described(rec)}")
     return "\n".join(lines)
 
 

@@ -14,6 +14,11 @@ conditional structure of the methods is written once: Nash's refresh period is d
 Nash, the curriculum is drawn only next to ANT-UW (``compose`` refuses PCGrad/Nash with it).
 Optuna parameter names are ``<space>.<param>``. A method adds one function and one entry in
 ``SPACES``.
+
+Two spaces label a trial instead of shaping a method: ``arm`` picks one of the study's named
+override bundles (``arms:``; a comparison study is a grid over arms x seeds) and ``seed`` draws
+``train.seed``. Their values travel with the trial (``arm``/``seed`` next to ``overrides``) and
+become the MLflow tags ``search.arm``/``search.seed`` that ``denoiselab review --studies`` groups by.
 """
 from __future__ import annotations
 
@@ -134,10 +139,17 @@ def _range(default: Spec, low: Any, high: Any, log: bool, step: Optional[int], w
 
 class Draw:
     """What a space function sees: its parameters (``d("count")``), the overrides drawn so far
-    (``d.set``) and the effective run config (``d.get``: overrides over the base)."""
+    (``d.set``), the effective run config (``d.get``: overrides over the base), the study's arms
+    and the trial's labels (``d.label``)."""
 
-    def __init__(self, trial, space: str, specs: Mapping[str, Spec], overrides: dict, base: dict):
+    def __init__(self, trial, space: str, specs: Mapping[str, Spec], overrides: dict, base: dict,
+                 arms: Optional[Mapping[str, Mapping[str, Any]]] = None, labels: Optional[dict] = None):
         self.trial, self.space, self.specs, self.overrides, self.base = trial, space, specs, overrides, base
+        self.arms = arms or {}
+        self.labels = labels if labels is not None else {}
+
+    def label(self, key: str, value: Any) -> None:
+        self.labels[key] = value
 
     def __call__(self, param: str) -> Any:
         return self.specs[param].suggest(self.trial, f"{self.space}.{param}")
@@ -167,6 +179,23 @@ def declare(**params: Spec) -> Callable:
 
 
 _ON = Choice((True,))
+
+
+@declare(name=Choice(()))                   # the study's arms (resolve_space fills the choices)
+def arm_space(d: Draw) -> None:
+    """One named bundle of overrides from the study's ``arms:`` (vanilla, DTR, ANT-UW, ...)."""
+    name = d("name")
+    for path, value in d.arms[name].items():
+        d.set(path, value)
+    d.label("arm", name)
+
+
+@declare(value=IntRange(0, 2))
+def seed_space(d: Draw) -> None:
+    """The trial's ``train.seed`` (initialisation, data order, noise): repeats of every arm."""
+    seed = d("value")
+    d.set("train.seed", seed)
+    d.label("seed", seed)
 
 
 @declare(name=Choice(("DiT-N/2", "DiT-T/2")))
@@ -310,7 +339,7 @@ def meme_space(d: Draw) -> None:
 
 # name -> space function (drawn in this order); a method adds one function and one entry.
 SPACES: dict[str, Callable[[Draw], None]] = {
-    "model": model_space, "optim": optim_space, "loss": loss_space,
+    "arm": arm_space, "seed": seed_space, "model": model_space, "optim": optim_space, "loss": loss_space,
     "dtr": dtr_space, "ant": ant_space, "curriculum": curriculum_space, "dmp": dmp_space, "meme": meme_space,
 }
 
@@ -319,10 +348,15 @@ SPACES: dict[str, Callable[[Draw], None]] = {
 # A study's space
 # --------------------------------------------------------------------------------------------
 
-def resolve_space(space: Mapping[str, Any]) -> dict[str, dict[str, Spec]]:
-    """The study's ``space:`` -> {space: {param: spec}}; unknown spaces and parameters are errors."""
+def resolve_space(space: Mapping[str, Any], arms: Optional[Mapping[str, Any]] = None) -> dict[str, dict[str, Spec]]:
+    """The study's ``space:`` (and ``arms:``) -> {space: {param: spec}}; unknown spaces and
+    parameters are errors, and so are arms without the ``arm`` space or the other way round."""
     if not space:
         raise StudyError(f"space: empty; select at least one of {', '.join(SPACES)}")
+    if ("arm" in space) != bool(arms):
+        raise StudyError("space.arm: the study has no arms; define them as arms: {vanilla: {}, dtr: {methods.dtr: "
+                         "{...}}}" if "arm" in space else
+                         "arms: defined but not searched; add `arm: {}` to space (every arm) or arm: {name: [...]}")
     out: dict[str, dict[str, Spec]] = {}
     for name, narrowing in space.items():
         if name not in SPACES:
@@ -333,25 +367,35 @@ def resolve_space(space: Mapping[str, Any]) -> dict[str, dict[str, Spec]]:
         if not isinstance(narrowing, Mapping):
             raise StudyError(f"space.{name}: expected a mapping of parameters (or {{}} for the defaults)")
         params = dict(SPACES[name].params)
+        if name == "arm":
+            params["name"] = Choice(tuple(arms))
         for param, user in narrowing.items():
             if param not in params:
                 raise StudyError(f"space.{name}.{param}: unknown parameter; {name} has {', '.join(params)}")
             params[param] = _narrow(params[param], user, f"space.{name}.{param}")
+        if name == "arm":
+            unknown = [a for a in params["name"].grid("arm.name") if a not in arms]
+            if unknown:
+                raise StudyError(f"space.arm.name: {unknown} are not arms; the study's arms are {', '.join(arms)}")
         out[name] = params
     return {name: out[name] for name in SPACES if name in out}
 
 
 class SpaceFunction:
-    """The define-by-run function handed to OptunaSearch (plain-picklable: Tune checkpoints it)."""
+    """The define-by-run function handed to OptunaSearch (plain-picklable: Tune checkpoints it).
+    It returns the trial's run-config overrides and its labels (``arm``, ``seed``)."""
 
-    def __init__(self, specs: dict[str, dict[str, Spec]], base: dict):
+    def __init__(self, specs: dict[str, dict[str, Spec]], base: dict,
+                 arms: Optional[Mapping[str, Mapping[str, Any]]] = None):
         self.specs, self.base = specs, base
+        self.arms = {name: dict(bundle or {}) for name, bundle in (arms or {}).items()}
 
     def __call__(self, trial) -> dict[str, Any]:
         overrides: dict[str, Any] = {}
+        labels: dict[str, Any] = {}
         for name, params in self.specs.items():
-            SPACES[name](Draw(trial, name, params, overrides, self.base))
-        return {"overrides": overrides}
+            SPACES[name](Draw(trial, name, params, overrides, self.base, self.arms, labels))
+        return {"overrides": overrides, **labels}
 
 
 def grid_of(specs: dict[str, dict[str, Spec]], drawn: Optional[set[str]] = None) -> dict[str, list]:
@@ -394,24 +438,40 @@ def _check_plan(cfg) -> None:
 _INTERVALS: dict = {}
 
 
-def validate_space(fn: SpaceFunction, samples: int = 48, seed: int = 0) -> set[str]:
-    """Draw ``samples`` trials at random (in memory) and check every distinct one as the driver
-    would; returns the Optuna parameters that were drawn. Fails before any trial starts."""
+def validate_space(fn: SpaceFunction, samples: int = 48, seed: int = 0,
+                   grid: Optional[dict[str, list]] = None) -> set[str]:
+    """Draw ``samples`` trials at random (in memory), or every point of ``grid`` (a grid study),
+    and check every distinct one as the driver would; returns the Optuna parameters that were
+    drawn. Fails before any trial starts, naming the arm where the draw came from one."""
+    import itertools
     import optuna
-    from trainers.errors import ConfigError
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    if grid is not None:
+        names = list(grid)
+        trials = [optuna.trial.FixedTrial(dict(zip(names, point)))
+                  for point in itertools.product(*(grid[n] for n in names))]
+    else:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+        trials = [study.ask() for _ in range(samples)]
     seen: set[str] = set()
-    for _ in range(samples):
-        trial = study.ask()
-        overrides = fn(trial)["overrides"]
-        key = repr(sorted(overrides.items(), key=lambda kv: kv[0]))
+    drawn_params: set[str] = set()
+    for trial in trials:
+        drawn = fn(trial)
+        drawn_params.update(trial.params)
+        key = repr(sorted(drawn["overrides"].items(), key=lambda kv: kv[0]))
         if key not in seen:
             seen.add(key)
-            try:
-                check_run_config(fn.base, overrides)
-            except ConfigError as err:
-                shown = ", ".join(f"{k}={v}" for k, v in overrides.items())
-                raise StudyError(f"space: the draw {{{shown}}} is not a valid run: {err}") from None
-        study.tell(trial, 0.0)
-    return {name for t in study.trials for name in t.params}
+            _check_draw(fn.base, drawn)
+    return drawn_params
+
+
+def _check_draw(base: dict, drawn: dict) -> None:
+    from trainers.errors import ConfigError
+    overrides = drawn["overrides"]
+    try:
+        check_run_config(base, overrides)
+    except ConfigError as err:
+        if "arm" in drawn:
+            raise StudyError(f"arms.{drawn['arm']}: not a valid run: {err}") from None
+        shown = ", ".join(f"{k}={v}" for k, v in overrides.items())
+        raise StudyError(f"space: the draw {{{shown}}} is not a valid run: {err}") from None

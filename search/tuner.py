@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 from orchestrator.infra.storage import ENDPOINT_VARS, Storage, open_storage
 from orchestrator.infra.tracking import check_tracking, ensure_experiment, find_or_create_run, log_params, \
-    resolve_tracking_uri
+    resolve_tracking_uri, STUDY_TAG
 from search.config import StudyConfig, StudyError, base_run_dict, fingerprint, reports_per_trial
 from search.objective import TrialContext, run_trial
 from search.spaces import SpaceFunction, grid_of, resolve_space, validate_space
@@ -37,7 +37,6 @@ from ray.tune.search.optuna import OptunaSearch                     # RAY: the b
 __all__ = ["MetricNotReported", "PreparedStudy", "StudySearch", "prepare_study", "concurrency_for", "num_trials",
            "parent_run", "make_searcher", "make_scheduler", "run_tuner", "optuna_storage", "STUDY_TAG"]
 
-STUDY_TAG = "denoiselab.study"
 _DRIVER_MEMORY = 256 * 2**20          # bytes reserved for each trial's driver (a Tune actor running fit())
 _TUNE_KEYS = {"timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "training_iteration", "trial_id",
               "date", "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "time_since_restore",
@@ -111,10 +110,17 @@ class PreparedStudy:
 def prepare_study(study: StudyConfig, samples: int = 48) -> PreparedStudy:
     """Everything that can fail before Ray starts: configs, space, storage, tracking."""
     base = base_run_dict(study)
-    space = SpaceFunction(resolve_space(study.space), base)
-    drawn = validate_space(space, samples=samples, seed=study.seed)
-    grid = grid_of(space.specs, drawn) if study.sampler.kind == "grid" else None   # continuous ranges fail here
+    space = SpaceFunction(resolve_space(study.space, study.arms), base, study.arms)
+    if study.sampler.kind == "grid":                          # every point is checked; continuous ranges fail here
+        drawn = validate_space(space, seed=study.seed, grid=grid_of(space.specs))
+        grid = grid_of(space.specs, drawn)
+    else:
+        drawn = validate_space(space, samples=samples, seed=study.seed)
+        grid = None
     sc = study.scheduler
+    if final_only(study) and not base["eval"]["n"]:
+        raise StudyError(f"metric: {study.metric} comes from the evaluation at the end of each trial, and the base "
+                         f"config has eval.n: 0; set eval.n (e.g. base: {{eval: {{n: 1000}}}})")
     reports = reports_per_trial(base)
     if sc.kind == "asha" and sc.grace_period >= reports:
         raise StudyError(f"scheduler.grace_period: {sc.grace_period} reports leaves nothing to stop: a full trial "
@@ -230,9 +236,16 @@ def parent_run(prep: PreparedStudy) -> tuple[str, bool]:
     return run_id, resumed
 
 
+def final_only(study: StudyConfig) -> bool:
+    """Trials report once, at the end, when nothing acts on their checkpoints' reports (no ASHA)
+    and the metric exists only then (an evaluation metric of the final checkpoint: fd_digits…)."""
+    from orchestrator.jobs.evaluation import is_eval_metric
+    return study.scheduler.kind == "none" and is_eval_metric(study.metric)
+
+
 def _trainable(prep: PreparedStudy, parent_id: str):
     from ray import tune                                                   # RAY
-    context = TrialContext(prep.study.name, prep.base, parent_id)
+    context = TrialContext(prep.study.name, prep.base, parent_id, final_only=final_only(prep.study))
     # RAY: the trial driver holds no CPU (its Train workers hold theirs); Tune needs a non-empty bundle
     resources = {"CPU": 0, "memory": _DRIVER_MEMORY}
     return tune.with_resources(tune.with_parameters(run_trial, context=context), resources)

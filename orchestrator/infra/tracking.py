@@ -40,6 +40,7 @@ __all__ = ["TrackingError", "resolve_tracking_uri", "check_tracking", "ensure_ex
            "points_from_jsonl", "Point"]
 
 RUN_NAME_TAG = "denoiselab.run_name"
+STUDY_TAG = "denoiselab.study"              # a study's parent run: the study name
 STORAGE_TAG = "denoiselab.storage_uri"
 SPOOL_PARTS = ("denoiselab", "spool")
 _SECRET = re.compile(r"(secret|password|token|access_key|credential)", re.IGNORECASE)

@@ -75,8 +75,9 @@ def test_fuzzed_draws_are_valid_runs_and_cover_every_branch(make_sampler):
 
 def test_every_space_alone_draws_valid_runs():
     for name in SPACES:
-        study = study_from_dict(_study({name: {}}, base={**ray_run_dict(), "diffusion": {"steps": 100}}))
-        fn = SpaceFunction(resolve_space(study.space), base_run_dict(study))
+        arms = {"a": {"train.lr": 1e-3}, "b": {}} if name == "arm" else {}
+        study = study_from_dict(_study({name: {}}, base={**ray_run_dict(), "diffusion": {"steps": 100}}, arms=arms))
+        fn = SpaceFunction(resolve_space(study.space, study.arms), base_run_dict(study), study.arms)
         drawn = validate_space(fn, samples=24, seed=3)
         assert drawn and all(p.startswith(f"{name}.") for p in drawn), name
 
@@ -205,3 +206,58 @@ def test_meme_space_draws_whole_sets_or_one_experts_architecture():
     assert drawn == {"meme.r0", "meme.gamma_t", "meme.gamma_d"}       # only the expert's architecture
     overrides = fn(optuna.create_study().ask())["overrides"]
     assert len(overrides["model.arch.high"]) == 2 and "intervals.count" not in overrides
+
+
+# --------------------------------------------------------------------------------------------
+# Comparison studies: named arms x seeds
+# --------------------------------------------------------------------------------------------
+
+ARMS = {"vanilla": {}, "dtr": {"methods.dtr": {"active_ratio": 0.8, "alpha": 4.0}},
+        "ant-uw": {"methods.ant": {"mtl": "uw"}}, "plain": None}
+
+
+def _arms_study(**fields):
+    return study_from_dict(_study({"arm": {}, "seed": {"value": [0, 2]}}, arms=ARMS, sampler="grid", **fields))
+
+
+def test_a_grid_over_arms_and_seeds_draws_every_pair_once_with_its_labels():
+    study = _arms_study()
+    fn = SpaceFunction(resolve_space(study.space, study.arms), base_run_dict(study), study.arms)
+    grid = grid_of(fn.specs)
+    assert grid == {"arm.name": ["vanilla", "dtr", "ant-uw", "plain"], "seed.value": [0, 1, 2]}
+    assert validate_space(fn, grid=grid) == {"arm.name", "seed.value"}        # every point checked
+    ot = optuna.create_study(sampler=optuna.samplers.GridSampler(grid, seed=0))
+    drawn = []
+    for i in range(12):
+        trial = ot.ask()
+        out = fn(trial)
+        drawn.append((out["arm"], out["seed"]))
+        assert out["overrides"]["train.seed"] == out["seed"]
+        for path, value in (ARMS[out["arm"]] or {}).items():
+            assert out["overrides"][path] == value
+        assert set(out["overrides"]) == {"train.seed", *(ARMS[out["arm"]] or {})}
+        if i < 11:                                     # the last tell stops a grid study (outside optimize)
+            ot.tell(trial, 0.0)
+    assert sorted(drawn) == sorted((a, s) for a in ARMS for s in range(3))
+    assert pickle.loads(pickle.dumps(fn)).arms == fn.arms                     # Tune checkpoints the function
+
+
+def test_arms_narrow_and_fail_with_one_line():
+    study = study_from_dict(_study({"arm": {"name": ["dtr"]}}, arms=ARMS))
+    fn = SpaceFunction(resolve_space(study.space, study.arms), base_run_dict(study), study.arms)
+    assert fn(optuna.trial.FixedTrial({}))["arm"] == "dtr"                   # one arm: not an Optuna parameter
+    with pytest.raises(StudyError, match=r"^space.arm.name: \['dtr2'\] are not arms; the study's arms are vanilla"):
+        resolve_space({"arm": {"name": ["dtr2"]}}, ARMS)
+    with pytest.raises(StudyError, match=r"^space.arm: the study has no arms; define them"):
+        resolve_space({"arm": {}}, {})
+    with pytest.raises(StudyError, match=r"^arms: defined but not searched; add `arm: \{\}`"):
+        resolve_space({"optim": {}}, ARMS)
+    with pytest.raises(StudyError, match=r"^arms.a/b: an arm name is 1-64 letters"):
+        study_from_dict(_study({"arm": {}}, arms={"a/b": {}}))
+    with pytest.raises(StudyError, match=r"^arms.x: expected a mapping of run-config overrides"):
+        study_from_dict(_study({"arm": {}}, arms={"x": [1, 2]}))
+    bad = study_from_dict(_study({"arm": {}}, arms={**ARMS, "broken": {"methods.ant": {"mtl": "pcgrad"},
+                                                                       "methods.curriculum": {}}}, sampler="grid"))
+    fn = SpaceFunction(resolve_space(bad.space, bad.arms), base_run_dict(bad), bad.arms)
+    with pytest.raises(StudyError, match=r"^arms.broken: not a valid run: "):
+        validate_space(fn, grid=grid_of(fn.specs))
