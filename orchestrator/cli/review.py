@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from trainers.errors import UserError
+
 __all__ = ["register"]
 
 
@@ -13,8 +15,11 @@ def register(sub) -> None:
     p.add_argument("--parent", help="only the child runs of this parent run (a study)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="write comparison plots of these runs")
-    p.add_argument("--out", default="review", help="directory for --compare PNGs")
-    p.add_argument("--no-log", action="store_true", help="do not log --compare plots to MLflow")
+    p.add_argument("--studies", nargs="+", metavar="STUDY",
+                   help="comparison studies (arms x seeds): mean ± std per arm, plots, claims' verdicts")
+    p.add_argument("--claims", help="with --studies: a claims YAML (benchmarks/repro/claims.yaml) to judge")
+    p.add_argument("--out", default="review", help="directory for --compare PNGs and the --studies report")
+    p.add_argument("--no-log", action="store_true", help="do not log --compare plots (--studies report) to MLflow")
     p.set_defaults(handler=_cmd_review)
 
     r = sub.add_parser("replay", help="send metrics spooled during a tracking outage into their MLflow run")
@@ -28,6 +33,10 @@ def register(sub) -> None:
 def _cmd_review(args) -> int:
     from orchestrator.review.runs import compare_runs, format_table, list_runs, open_store
     client, _ = open_store(args.tracking_uri)
+    if args.claims and not args.studies:
+        raise UserError("--claims: judged against --studies; name the comparison studies, e.g. --studies repro-methods")
+    if args.studies:
+        return _review_studies(client, args)
     if args.compare:
         result = compare_runs(client, args.compare, args.out, args.experiment, log=not args.no_log)
         if args.format == "json":
@@ -42,6 +51,34 @@ def _cmd_review(args) -> int:
     rows = list_runs(client, args.experiment, args.parent)
     print(json.dumps(rows, default=str) if args.format == "json" else format_table(rows))
     return 0
+
+
+def _review_studies(client, args) -> int:
+    from orchestrator.review.arms import collect_arm_runs, format_arms, format_verdicts, judge, load_claims, \
+        summarize, write_report
+    claims = load_claims(args.claims) if args.claims else []          # a bad claims file fails before any query
+    runs = collect_arm_runs(client, args.studies)
+    summaries = summarize(runs)
+    verdicts = judge(claims, summaries)
+    paths = write_report(args.out, runs, summaries, verdicts)
+    if args.format == "json":
+        print(paths["json"].read_text())
+    else:
+        print(format_arms(summaries))
+        if verdicts:
+            print("\n" + format_verdicts(verdicts))
+        print(f"\n{len(runs)} runs, {len(summaries)} arms -> {', '.join(str(p) for p in paths.values())}")
+    if not args.no_log:
+        _log_to_studies(client, args.studies, paths)
+    return 0
+
+
+def _log_to_studies(client, studies: list[str], paths: dict) -> None:
+    from orchestrator.review.arms import study_parent
+    for study in studies:
+        parent = study_parent(client, study)
+        for path in paths.values():
+            client.log_artifact(parent.info.run_id, str(path), artifact_path="review")
 
 
 def _cmd_replay(args) -> int:

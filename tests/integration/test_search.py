@@ -90,17 +90,62 @@ def test_smoke_study_asha_stops_weak_trials(search_ray, tmp_path):
 
 
 def test_metric_not_reported_stops_the_study_at_the_first_result(search_ray, tmp_path):
-    fields = _study(tmp_path, "it-metric", metric="fd_nope", budget={"trials": 1}, scheduler="none",
+    fields = _study(tmp_path, "it-metric", metric="heldout/nope", budget={"trials": 1}, scheduler="none",
                     space={"optim": {"lr": 1e-3}})
     fields["base"]["train"].update(steps=10, checkpoint_every=5)
     started = time.monotonic()
-    with pytest.raises(MetricNotReported, match=r"^metric: trials do not report 'fd_nope'; they report .*loss"):
+    with pytest.raises(MetricNotReported, match=r"^metric: trials do not report 'heldout/nope'; they report .*loss"):
         run_search(SearchRequest(study_from_dict(fields), quiet=True))
     print(f"metric check failed the study after {time.monotonic() - started:.0f}s")
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("search-it")
     parent = client.search_runs([exp.experiment_id], filter_string="tags.`denoiselab.study` = 'it-metric'")
     assert parent[0].info.status == "FAILED"
+
+
+def test_a_comparison_study_of_arms_and_seeds_reviews_as_mean_and_std_per_arm(search_ray, tmp_path, capsys):
+    """Arms x seeds on a grid, scored by FD-digits at the end only (no scheduler), tagged per
+    trial, then `denoiselab review --studies` reduces them and judges a claim."""
+    from orchestrator.cli import main
+    fields = _study(tmp_path, "it-arms", metric="fd_digits", scheduler="none", sampler="grid",
+                    arms={"vanilla": {}, "dtr": {"methods.dtr": {"active_ratio": 0.5, "alpha": 2.0}}},
+                    space={"arm": {}, "seed": {"value": [0, 1]}})
+    fields["base"]["train"].update(steps=10, checkpoint_every=10)
+    fields["base"]["eval"] = {"n": 24, "steps": 2}
+    out = run_search(SearchRequest(study_from_dict(fields), quiet=True))
+    assert sorted((r.params["arm"], r.params["seed"]) for r in out.records) == [
+        ("dtr", 0), ("dtr", 1), ("vanilla", 0), ("vanilla", 1)]
+    assert all(r.status == "finished" and r.value > 0 for r in out.records), out.leaderboard
+    assert "arm=dtr, seed=0" in out.leaderboard
+    ot = _optuna(tmp_path, "it-arms")
+    assert all(list(t.intermediate_values) == [10] for t in ot.trials)  # one report per trial, at the end
+    client = MlflowClient(out.tracking_uri)
+    fds = {}
+    for rec in out.records:
+        run = client.get_run(rec.run_id)
+        assert run.data.tags["search.arm"] == rec.params["arm"] and run.data.tags["search.seed"] == str(rec.params["seed"])
+        assert run.data.params["train.seed"] == str(rec.params["seed"])
+        fds.setdefault(rec.params["arm"], []).append(run.data.metrics["fd_digits"])
+
+    claims = tmp_path / "claims.yaml"
+    claims.write_text("claims:\n  - {paper: DTR, says: DTR beats vanilla, arm: dtr, than: vanilla}\n"
+                      "  - {paper: X, says: Y, arm: nope, than: vanilla}\n")
+    report = tmp_path / "report"
+    capsys.readouterr()
+    assert main(["review", "--studies", "it-arms", "--claims", str(claims), "--out", str(report),
+                 "--tracking-uri", out.tracking_uri]) == 0
+    text = capsys.readouterr().out
+    mean = sum(fds["dtr"]) / 2
+    std = abs(fds["dtr"][0] - fds["dtr"][1]) / 2 ** 0.5
+    assert f"| it-arms | dtr | 2 | {mean:.2f} ± {std:.2f} |" in text, text
+    assert "| DTR | DTR beats vanilla | fd_digits |" in text and "| X | Y | fd_digits | - | not measured |" in text
+    body = json.loads((report / "arms.json").read_text())
+    assert {a["arm"] for a in body["arms"]} == {"vanilla", "dtr"} and len(body["runs"]) == 4
+    assert body["arms"][0]["mean"]["cost_tflop"] > 0 and "interval_loss_0" in body["arms"][0]["mean"]
+    logged = {a.path for a in client.list_artifacts(out.parent_run_id, "review")}
+    assert {"review/arms.md", "review/arms.json", "review/arms_eval.png"} <= logged
+    assert main(["review", "--studies", "it-nope", "--tracking-uri", out.tracking_uri]) == 2
+    assert "--studies: no study 'it-nope' in this MLflow store" in capsys.readouterr().err
 
 
 def _cli(tmp_path: Path, study_file: Path, env: dict, log: str) -> subprocess.Popen:
