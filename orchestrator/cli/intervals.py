@@ -76,6 +76,22 @@ def register(sub) -> None:
     p.add_argument("--tracking-uri", help="also log tas.npz to this MLflow store")
     p.set_defaults(handler=_cmd_affinity)
 
+    p = sub.add_parser("transfer", help="negative-transfer report: per-interval loss of a run vs single-interval "
+                                        "models, and the task-affinity heatmap with the run's intervals")
+    p.add_argument("run", help="the multi-task run: run name, checkpoint directory or state.pt")
+    p.add_argument("--singles", required=True,
+                   help="expert set of single-interval models (denoiselab experts, methods.meme.identical: true, "
+                        "soft: hard)")
+    p.add_argument("--affinity", help="tas.npz from denoiselab affinity (draws the heatmap)")
+    p.add_argument("--out", default="transfer", help="directory for transfer.png and transfer.json")
+    p.add_argument("--n", type=int, default=512, help="images scored per interval")
+    p.add_argument("--storage", default="./runs")
+    p.add_argument("--endpoint")
+    p.add_argument("--tracking-uri", help="log the report to the run's MLflow run (default: $MLFLOW_TRACKING_URI "
+                                          "or sqlite:///mlflow.db when it exists)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_transfer)
+
 
 def _cmd_intervals(args) -> int:
     result = run_intervals(args)
@@ -96,4 +112,27 @@ def _cmd_affinity(args) -> int:
                                           storage=args.storage, endpoint=args.endpoint,
                                           tracking_uri=args.tracking_uri), address=args.address)
     print(json.dumps(result))
+    return 0
+
+
+def _cmd_transfer(args) -> int:
+    import os
+    from orchestrator.infra.tracking import resolve_tracking_uri
+    from orchestrator.jobs.transfer import TransferRequest, run_transfer
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///")):
+        uri = None                                   # no store here: the report stays local
+    result = run_transfer(TransferRequest(args.run, args.singles, args.out, args.affinity, n=args.n,
+                                          storage=args.storage, endpoint=args.endpoint, tracking_uri=uri))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{args.run} vs single-interval models {args.singles} ({result['images']} images per interval):")
+    print(f"  {'interval':<14}{'multi-task':>12}{'single':>12}{'gap':>10}")
+    for g, (lo, hi) in zip(result["gaps"], zip(result["intervals"], result["intervals"][1:])):
+        print(f"  {f'[{lo}, {hi})':<14}{g['multi']:>12.4f}{g['single']:>12.4f}{100 * g['relative_gap']:>+9.1f}%")
+    worse = result["negative_transfer"]
+    print(f"negative transfer (run worse than the single-interval model) on intervals: {worse or 'none'}")
+    print(f"report: {', '.join(result['outputs'].values())}"
+          + (f"; logged as artifacts transfer/ of MLflow run {result['logged_to']}" if result.get("logged_to") else ""))
     return 0

@@ -116,3 +116,48 @@ def test_a_tiny_expert_set_study_trains_and_scores_a_whole_set(local_ray, tmp_pa
     for record in outcome.records:                                          # each trial trained a whole set
         manifest = read_manifest(open_storage(str(tmp_path / "runs")), record.run_name)
         assert [e["run"] for e in manifest["experts"]] == [f"{record.run_name}-expert0", f"{record.run_name}-expert1"]
+
+
+def test_the_negative_transfer_report_compares_a_run_with_single_interval_models(expert_set, tmp_path, capsys):
+    """`denoiselab transfer` of expert 0 (trained on both intervals, mostly its own: soft sampling)
+    against the set: on interval 0 it meets itself, so with the same images, timesteps and noise
+    for every model the gap there is exactly 0; next to a real `denoiselab affinity` heatmap, and
+    logged to expert 0's MLflow run."""
+    from orchestrator.infra.checkpoints import read_checkpoint, resolve_checkpoint
+    from orchestrator.jobs.transfer import TransferRequest, _subset, interval_losses, run_transfer
+    from trainers.build import network_from_state
+    from trainers.methods.intervals import Intervals
+    from trainers.errors import ConfigError
+    root, runs = expert_set["root"], expert_set["runs"]
+    assert main(["affinity", "tiny-set-expert0", "--out", str(tmp_path / "tas"), "--stride", "25", "--n", "8",
+                 "--batch", "8", "--dim", "64", "--count", "2", "--storage", runs]) == 0
+    capsys.readouterr()
+    out = tmp_path / "report"
+    assert main(["transfer", "tiny-set-expert0", "--singles", "tiny-set", "--affinity",
+                 str(tmp_path / "tas" / "tas.npz"), "--n", "16", "--storage", runs, "--out", str(out),
+                 "--tracking-uri", f"sqlite:///{root}/mlflow.db"]) == 0
+    printed = capsys.readouterr().out
+    assert "negative transfer (run worse than the single-interval model) on intervals:" in printed
+    report = json.loads((out / "transfer.json").read_text())
+    assert report["intervals"] == [0, 50, 100] and len(report["gaps"]) == 2
+    first, second = report["gaps"]
+    assert first["gap"] == 0.0 and first["multi"] == first["single"] > 0          # the same model, same noise
+    assert second["multi"] > 0 and second["single"] > 0 and second["gap"] == pytest.approx(
+        second["multi"] - second["single"])
+    assert report["negative_transfer"] == ([1] if second["gap"] > 0 else [])
+    assert report["affinity_intervals"][0] == 0 and report["affinity_intervals"][-1] == 100
+    with Image.open(out / "transfer.png") as im:
+        assert np.asarray(im).std() > 0
+    expert1 = read_checkpoint(resolve_checkpoint("tiny-set-expert1", open_storage(runs)))
+    net, diffusion, cfg, _ = network_from_state(expert1)
+    again = interval_losses(net, diffusion, Intervals.from_list([0, 50, 100]), _subset(cfg, 16, 0))
+    assert second["single"] == pytest.approx(again[1], rel=1e-6)                # its own loss on its interval
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                             filter_string="tags.`denoiselab.run_name` = 'tiny-set-expert0'")[0]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "transfer")} == {
+        "transfer/transfer.json", "transfer/transfer.png"}
+    with pytest.raises(ConfigError, match=r"^--singles tiny-set-expert1: not an expert set"):
+        run_transfer(TransferRequest("tiny-set-expert0", "tiny-set-expert1", str(out), storage=runs))
+    assert main(["transfer", "tiny-set", "--singles", "tiny-set", "--storage", runs, "--out", str(out)]) == 2
+    assert "tiny-set: is an expert set; the first argument is the multi-task run" in capsys.readouterr().err
