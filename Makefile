@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench repro clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,14 +29,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/denoiselab train orchestrator/experiments/quickstart.yaml
 
-# `make test`: the integration tests (real services, in file order) and, beside them in a second
-# process, the unit, method and GPU tests (one thread each; their report follows). With
-# PYTEST_ARGS (paths, -k, -m ...) it is one plain pytest run.
+# `make test`: the integration tests that use Ray (real services, in file order) and, beside them
+# in a second process, the unit, method and GPU tests and the integration tests that start no Ray
+# (their report follows). With PYTEST_ARGS (paths, -k, -m ...) it is one plain pytest run.
+BESIDE := tests/integration/test_fail_fast.py tests/integration/test_data_cli.py \
+	tests/integration/test_concurrent_tracking.py
 test: $(STAMP)
 ifeq ($(strip $(PYTEST_ARGS)),)
-	@$(PY) -m pytest -q -ra -p no:cacheprovider tests/unit tests/methods tests/gpu > $(VENV)/unit-tests.log 2>&1 & \
-	  unit=$$!; $(PY) -m pytest -q -ra tests/integration; integration=$$?; wait $$unit; units=$$?; \
-	  echo "== tests/unit, tests/methods, tests/gpu (run beside the integration tests)"; \
+	@$(PY) -m pytest -q -ra -p no:cacheprovider tests/unit tests/methods tests/gpu $(BESIDE) \
+	  > $(VENV)/unit-tests.log 2>&1 & \
+	  unit=$$!; $(PY) -m pytest -q -ra tests/integration $(addprefix --ignore=,$(BESIDE)); integration=$$?; \
+	  wait $$unit; units=$$?; \
+	  echo "== tests/unit, tests/methods, tests/gpu and $(BESIDE) (run beside the others)"; \
 	  cat $(VENV)/unit-tests.log; test $$integration -eq 0 -a $$units -eq 0
 else
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
@@ -48,6 +52,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/dmp.py
 	$(PY) benchmarks/meme.py
 	$(PY) benchmarks/latents.py
+
+# The five-paper reproduction (benchmarks/repro/README.md): about 75 minutes on 2 cores; resumable.
+repro: $(STAMP)
+	bash benchmarks/repro/run.sh
 
 clean:
 	rm -rf $(VENV) runs mlflow.db .pytest_cache

@@ -456,7 +456,11 @@ def validate_space(fn: SpaceFunction, samples: int = 48, seed: int = 0,
     seen: set[str] = set()
     drawn_params: set[str] = set()
     for trial in trials:
-        drawn = fn(trial)
+        try:
+            drawn = fn(trial)
+        except ValueError as err:            # a FixedTrial lacks a parameter drawn only in some trials
+            raise StudyError(f"space: {err}; a grid study needs every drawn parameter in the grid: fix it to one "
+                             f"value") from None
         drawn_params.update(trial.params)
         key = repr(sorted(drawn["overrides"].items(), key=lambda kv: kv[0]))
         if key not in seen:

@@ -16,6 +16,7 @@ resume (docs/platform.md, "Ray Tune, Optuna and ASHA").
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -37,6 +38,7 @@ from ray.tune.search.optuna import OptunaSearch                     # RAY: the b
 __all__ = ["MetricNotReported", "PreparedStudy", "StudySearch", "prepare_study", "concurrency_for", "num_trials",
            "parent_run", "make_searcher", "make_scheduler", "run_tuner", "optuna_storage", "STUDY_TAG"]
 
+_GRID_CHECKED = 4096                  # grids up to this many points are checked point by point
 _DRIVER_MEMORY = 256 * 2**20          # bytes reserved for each trial's driver (a Tune actor running fit())
 _TUNE_KEYS = {"timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "training_iteration", "trial_id",
               "date", "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "time_since_restore",
@@ -111,12 +113,12 @@ def prepare_study(study: StudyConfig, samples: int = 48) -> PreparedStudy:
     """Everything that can fail before Ray starts: configs, space, storage, tracking."""
     base = base_run_dict(study)
     space = SpaceFunction(resolve_space(study.space, study.arms), base, study.arms)
-    if study.sampler.kind == "grid":                          # every point is checked; continuous ranges fail here
-        drawn = validate_space(space, seed=study.seed, grid=grid_of(space.specs))
-        grid = grid_of(space.specs, drawn)
-    else:
-        drawn = validate_space(space, samples=samples, seed=study.seed)
-        grid = None
+    drawn = validate_space(space, samples=samples, seed=study.seed)
+    grid = None
+    if study.sampler.kind == "grid":
+        grid = grid_of(space.specs, drawn)                    # continuous ranges fail here
+        if math.prod(len(v) for v in grid.values()) <= _GRID_CHECKED:
+            validate_space(space, grid=grid)                  # every point (every arm) checked before Ray starts
     sc = study.scheduler
     if final_only(study) and not base["eval"]["n"]:
         raise StudyError(f"metric: {study.metric} comes from the evaluation at the end of each trial, and the base "

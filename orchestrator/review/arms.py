@@ -111,6 +111,14 @@ def _cost_tflop(params: dict) -> Optional[float]:
     return 3.0 * flops * steps * batch / 1e12
 
 
+def _set_cost_tflop(client, run) -> Optional[float]:
+    """A MEME set's training cost: the sum over its experts (child runs of the set's run)."""
+    experts = client.search_runs([run.info.experiment_id],
+                                 filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'", max_results=100)
+    costs = [_cost_tflop(e.data.params) for e in experts]
+    return sum(costs) if costs and None not in costs else None
+
+
 def _arm_run(client, study: str, run) -> ArmRun:
     from orchestrator.jobs.evaluation import is_eval_metric
     tags, params = run.data.tags, run.data.params
@@ -118,7 +126,7 @@ def _arm_run(client, study: str, run) -> ArmRun:
     metrics.update(_interval_tail(client, run))
     if run.info.end_time and run.info.start_time:
         metrics["wall_s"] = (run.info.end_time - run.info.start_time) / 1000.0
-    cost = _cost_tflop(params)
+    cost = _set_cost_tflop(client, run) if tags.get("denoiselab.kind") == "expert_set" else _cost_tflop(params)
     if cost is not None:
         metrics["cost_tflop"] = cost
     seed = tags.get("search.seed")
@@ -126,8 +134,22 @@ def _arm_run(client, study: str, run) -> ArmRun:
                   tags.get(RUN_NAME_TAG, run.info.run_name), run.info.run_id, metrics)
 
 
+def _arm_order(client, parent) -> list[str]:
+    """The arms in the order the study file defines them (its ``study.yaml`` on the parent run)."""
+    import tempfile
+    import yaml
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(parent.info.run_id, "study.yaml", tmp)
+            with open(path) as fh:
+                return list((yaml.safe_load(fh) or {}).get("arms") or {})
+    except Exception:  # noqa: BLE001 - no study file (an older study): trial order instead
+        return []
+
+
 def collect_arm_runs(client, studies: list[str]) -> list[ArmRun]:
-    """Every finished, arm-tagged child run of the named studies, in study then arm order."""
+    """Every finished, arm-tagged child run of the named studies, in study order, then arm order
+    (as the study defines its arms), then seed."""
     out: list[ArmRun] = []
     for study in studies:
         parent = study_parent(client, study)
@@ -138,6 +160,9 @@ def collect_arm_runs(client, studies: list[str]) -> list[ArmRun]:
         if not armed:
             raise UserError(f"--studies: study {study!r} has no finished runs tagged search.arm; it is not a "
                             f"comparison study (arms: + space arm) or it has not finished")
+        order = _arm_order(client, parent)
+        armed.sort(key=lambda r: (order.index(r.data.tags["search.arm"]) if r.data.tags["search.arm"] in order
+                                  else len(order), r.data.tags.get("search.seed", ""), r.info.start_time))
         out += [_arm_run(client, study, r) for r in armed]
     return out
 
