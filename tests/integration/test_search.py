@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import optuna
+import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -103,29 +106,56 @@ def test_metric_not_reported_stops_the_study_at_the_first_result(search_ray, tmp
     assert parent[0].info.status == "FAILED"
 
 
-def test_a_comparison_study_of_arms_and_seeds_reviews_as_mean_and_std_per_arm(search_ray, tmp_path, capsys):
+def _kill_a_worker_past_its_first_checkpoint(runs: Path, killed: list[str]) -> bool:
+    for stored in runs.glob("*/step_*/state.pt.sha256"):
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []) and \
+                        proc.environ().get("DENOISELAB_RUN") == stored.parent.parent.name:
+                    os.kill(proc.pid, signal.SIGKILL)                # worker loss mid-study: a real SIGKILL
+                    killed.append(stored.parent.parent.name)
+                    return True
+            except (psutil.Error, ProcessLookupError):
+                continue
+    return False
+
+
+def test_a_comparison_study_survives_a_worker_kill_and_reviews_as_mean_and_std_per_arm(search_ray, tmp_path, capsys):
     """Arms x seeds on a grid, scored by FD-digits at the end only (no scheduler), tagged per
-    trial, then `denoiselab review --studies` reduces them and judges a claim."""
+    trial; one trial's Train worker is SIGKILLed after its first stored checkpoint and that trial
+    alone resumes from it; then `denoiselab review --studies` reduces the trials and judges a claim."""
     from orchestrator.cli import main
     fields = _study(tmp_path, "it-arms", metric="fd_digits", scheduler="none", sampler="grid",
                     arms={"vanilla": {}, "dtr": {"methods.dtr": {"active_ratio": 0.5, "alpha": 2.0}}},
                     space={"arm": {}, "seed": {"value": [0, 1]}})
-    fields["base"]["train"].update(steps=10, checkpoint_every=10)
+    fields["base"]["train"].update(steps=60, checkpoint_every=5, log_every=5)
     fields["base"]["eval"] = {"n": 24, "steps": 2}
+    fields["base"]["scaling"] = {"max_failures": 1}
+    killed: list[str] = []
+    killer = threading.Thread(target=lambda: wait_for(
+        lambda: _kill_a_worker_past_its_first_checkpoint(tmp_path / "runs", killed), 120, 0.1,
+        "a running trial with a stored checkpoint"), daemon=True)
+    killer.start()
     out = run_search(SearchRequest(study_from_dict(fields), quiet=True))
+    killer.join(5)
     assert sorted((r.params["arm"], r.params["seed"]) for r in out.records) == [
         ("dtr", 0), ("dtr", 1), ("vanilla", 0), ("vanilla", 1)]
     assert all(r.status == "finished" and r.value > 0 for r in out.records), out.leaderboard
     assert "arm=dtr, seed=0" in out.leaderboard
     ot = _optuna(tmp_path, "it-arms")
-    assert all(list(t.intermediate_values) == [10] for t in ot.trials)  # one report per trial, at the end
+    assert all(list(t.intermediate_values) == [60] for t in ot.trials)  # one report per trial, at the end
     client = MlflowClient(out.tracking_uri)
-    fds = {}
+    fds, resumed = {}, []
     for rec in out.records:
         run = client.get_run(rec.run_id)
         assert run.data.tags["search.arm"] == rec.params["arm"] and run.data.tags["search.seed"] == str(rec.params["seed"])
         assert run.data.params["train.seed"] == str(rec.params["seed"])
         fds.setdefault(rec.params["arm"], []).append(run.data.metrics["fd_digits"])
+        steps = sorted(m.step for m in client.get_metric_history(rec.run_id, "loss"))
+        assert steps == list(range(5, 61, 5)), (rec.run_name, steps)     # no gaps, no repeats, killed or not
+        if "denoiselab.resumed_from_step" in run.data.tags:
+            resumed.append(rec.run_name)
+    assert killed and resumed == killed, "only the killed trial resumed"
 
     claims = tmp_path / "claims.yaml"
     claims.write_text("claims:\n  - {paper: DTR, says: DTR beats vanilla, arm: dtr, than: vanilla}\n"
