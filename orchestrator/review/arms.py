@@ -244,7 +244,7 @@ def format_arms(summaries: list[ArmSummary]) -> str:
     rows = []
     for s in summaries:
         intervals = sorted((k for k in s.mean if k.startswith("interval_loss_")), key=lambda k: int(k.rsplit("_", 1)[1]))
-        iv = f"{_pm(s, intervals[0], '.3f')} / {_pm(s, intervals[-1], '.3f')}" if intervals else "-"
+        iv = f"{_pm(s, intervals[0], '.3g')} / {_pm(s, intervals[-1], '.3g')}" if intervals else "-"
         rows.append([s.study, s.arm, str(s.n), *(_pm(s, k, ".3f" if not k.startswith("fd") else ".2f") for k in keys),
                      iv, _pm(s, "wall_s", ".0f"), _pm(s, "cost_tflop", ".3g")])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -269,7 +269,7 @@ def write_report(out_dir: str, runs: list[ArmRun], summaries: list[ArmSummary],
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "arms.md", "json": out / "arms.json"}
     spread = [s.std[k] for s in summaries for k in s.std if k.startswith("fd_") and s.n > 1]
-    text = [f"# Arms: mean ± std over seeds\n", format_arms(summaries), ""]
+    text = ["# Arms: mean ± std over seeds\n", format_arms(summaries), ""]
     if spread:
         text.append(f"Seed-to-seed spread of FD (std per arm): median {statistics.median(spread):.2f}, "
                     f"max {max(spread):.2f}.\n")

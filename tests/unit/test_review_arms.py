@@ -24,7 +24,7 @@ def test_arms_reduce_to_mean_and_sample_std_in_first_seen_order():
     assert b.mean["fd_digits"] == pytest.approx(12.0) and b.std["fd_digits"] == pytest.approx(2.0)
     assert b.mean["interval_loss_0"] == pytest.approx(0.2) and a.std["fd_digits"] == 0.0
     table = format_arms(summaries)
-    assert "| s | b | 3 | 12.00 ± 2.00 |" in table and "0.200 ± 0.100" in table
+    assert "| s | b | 3 | 12.00 ± 2.00 |" in table and "0.2 ± 0.1" in table
 
 
 @pytest.mark.parametrize("method, control, better, verdict", [
