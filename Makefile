@@ -53,7 +53,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/meme.py
 	$(PY) benchmarks/latents.py
 
-# The five-paper reproduction (benchmarks/repro/README.md): about 75 minutes on 2 cores; resumable.
+# The five-paper reproduction (benchmarks/repro/README.md): about 90 minutes on 2 cores; resumable.
 repro: $(STAMP)
 	bash benchmarks/repro/run.sh
 
