@@ -80,7 +80,26 @@ def head(s3, tmp_path_factory):
         yield {"env": env, "home": home, "dashboard": f"http://127.0.0.1:{ports['dashboard']}",
                "gcs": f"127.0.0.1:{ports['gcs']}"}
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_head(ports["gcs"])
+
+
+def _stop_head(gcs_port: int) -> None:
+    """Stop this head's processes only (`ray stop` would stop every Ray instance on the machine,
+    a developer's own jobs included): those naming its GCS port, then every process of its
+    session directory (dashboard, agents, workers)."""
+    import psutil
+    procs = list(psutil.process_iter(["pid", "cmdline"]))
+    mine = [p for p in procs if f":{gcs_port}" in " ".join(p.info["cmdline"] or []) or
+            f"--gcs_server_port={gcs_port}" in " ".join(p.info["cmdline"] or [])]
+    sessions = {arg.split("/sockets/")[0].split("/logs")[0].split("=", 1)[-1] for p in mine
+                for arg in (p.info["cmdline"] or []) if "/session_" in arg}
+    for proc in procs:
+        line = " ".join(proc.info["cmdline"] or [])
+        if proc in mine or any(session and session in line for session in sessions):
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
 
 
 @pytest.mark.ray
