@@ -86,5 +86,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"denoiselab: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        from orchestrator.infra.session import disconnect_ray
+        disconnect_ray()                                    # Ray's log lines end before ours
         print("denoiselab: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -124,6 +124,20 @@ def connect_ray(address: Optional[str]) -> None:
         raise UserError(f"{'--address' if address else 'ray'}: cannot connect to {address or 'Ray'}: {first}{hint}") from None
 
 
+def disconnect_ray(timeout_s: float = 20.0) -> None:
+    """Stop this process's Ray session now (an embedded instance stops with it), waiting at most
+    `timeout_s`: after it, no worker's log line can reach the console, so the CLI's own last line
+    stays last. A no-op when Ray was never started."""
+    import sys
+    import threading
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    stopper = threading.Thread(target=ray.shutdown, name="denoiselab-ray-shutdown", daemon=True)
+    stopper.start()
+    stopper.join(timeout_s)
+
+
 def _dashboard_port(preferred: int = 8265) -> int:
     """Ray's usual dashboard port when it is free, else any free port."""
     import socket
