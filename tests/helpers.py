@@ -9,6 +9,7 @@ import copy
 import functools
 import json
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -141,3 +142,16 @@ def init_for(cfg: RunConfig) -> Optional[dict]:
     randomize_(state.raw_model, seed=7)
     state.ema.model.load_state_dict(state.raw_model.state_dict())
     return make_state(state)
+
+
+def run_cli(cli: list[str], *args: str, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run` of a CLI command that, past `timeout`, fails the test with the command's
+    own output (where it stopped) instead of hanging until pytest's timeout."""
+    try:
+        return subprocess.run([*cli, *args], capture_output=True, text=True, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired as err:
+        def tail(out) -> str:
+            text = out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
+            return text[-4000:]
+        import pytest
+        pytest.fail(f"`{' '.join(args)}` ran past {timeout:.0f} s; stdout:\n{tail(err.stdout)}\nstderr:\n{tail(err.stderr)}")

@@ -102,7 +102,6 @@ class PreparedRun:
     storage: Storage
     tracking_uri: str
     payload: dict
-    datasets: dict
     plan: dict
     experiment_id: str = ""
 
@@ -127,14 +126,12 @@ def prepare_run(req: TrainRequest) -> PreparedRun:
     plan = compose(cfg.methods, build_context(cfg, intervals, cfg.scaling.num_workers))   # validates early
     payload: dict[str, Any] = {"config": cfg.to_dict(), "run_name": name, "tracking_uri": tracking_uri,
                                "intervals": intervals.to_list(), "threads": max(1, int(cfg.scaling.cpus_per_worker))}
-    datasets: dict = {}
     if cfg.data.stored:
         data_storage = open_storage(cfg.data.path, cfg.storage.endpoint, cfg.storage.region, fail_fast=True)
         payload["data_meta"] = read_metadata(data_storage)
         check_kind(cfg, payload["data_meta"])
         if cfg.data.name == "latents":
             payload["decoder"] = load_decoder(payload["data_meta"], cfg.data.encoder)   # hash-checked
-        datasets["train"] = _read_parquet(cfg)
     if cfg.eval.n > 0:
         from orchestrator.jobs.evaluation import check_eval_config
         payload["evaluate"] = check_eval_config(cfg, payload.get("data_meta"))
@@ -146,7 +143,7 @@ def prepare_run(req: TrainRequest) -> PreparedRun:
     elif plan.freeze_backbone:
         raise ConfigError(f"init_from: methods {'+'.join(plan.key)} patch a frozen, pretrained model; "
                           f"set init_from=RUN_OR_CHECKPOINT (a run name, checkpoint directory or state.pt)")
-    return PreparedRun(cfg, name, storage, tracking_uri, payload, datasets, plan.describe(), experiment_id)
+    return PreparedRun(cfg, name, storage, tracking_uri, payload, plan.describe(), experiment_id)
 
 
 def _check_base(cfg: RunConfig, ref, data_meta: Optional[dict]) -> dict:
@@ -178,6 +175,9 @@ def _affinity_matrix(cfg: RunConfig, storage: Storage):
 
 
 def _read_parquet(cfg: RunConfig):
+    """The stored training set as a Ray Dataset. Only once Ray is connected: ``read_parquet``
+    would otherwise start a Ray instance of its own, without the run's address, worker
+    environment or dashboard."""
     import ray.data
     data_context = ray.data.DataContext.get_current()
     if not os.environ.get("DENOISELAB_VERBOSE"):                        # one progress line: the trainer's
@@ -265,7 +265,8 @@ def _trainer(prep: PreparedRun, callbacks: tuple = ()):
     if sc.use_gpu:
         resources.setdefault("GPU", 1)
     return TorchTrainer(
-        train_loop_per_worker, train_loop_config=prep.payload, datasets=prep.datasets or None,
+        train_loop_per_worker, train_loop_config=prep.payload,
+        datasets={"train": _read_parquet(prep.cfg)} if prep.cfg.data.stored else None,
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources,
                                      placement_strategy=sc.placement_strategy),
         run_config=RunConfig(name=prep.name, storage_path=prep.storage.root,

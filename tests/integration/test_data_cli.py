@@ -33,6 +33,15 @@ def test_prepare_digits_round_trip_and_rank_shards(tmp_path):
     r0, r1 = read_dataset(storage, rank=0, world_size=2), read_dataset(storage, rank=1, world_size=2)
     assert len(r0) + len(r1) == 1797 and len(r0) == 1000
     assert torch.equal(torch.cat([r0.images[:500], r1.images[:500], r0.images[500:], r1.images[500:]]), whole.images)
+    # a run on it checks everything before Ray starts; the Ray Dataset comes only once Ray is
+    # connected (read_parquet would start an instance of its own, without the run's settings)
+    import ray
+    from orchestrator.runs.driver import TrainRequest, prepare_run
+    from trainers.config import load_config
+    cfg = load_config({"data": {"name": "parquet", "path": str(tmp_path / "digits")}, "model": {"name": "DiT-N/2"},
+                       "storage": {"path": str(tmp_path / "runs")}, "tracking": {"uri": f"sqlite:///{tmp_path}/m.db"}})
+    prep = prepare_run(TrainRequest(cfg))
+    assert prep.payload["data_meta"]["count"] == 1797 and not ray.is_initialized()
 
 
 def test_prepare_npz_and_image_folder(tmp_path):

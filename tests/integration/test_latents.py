@@ -23,6 +23,8 @@ from orchestrator.jobs.encode import EncodeRequest, encode_source, open_source
 from trainers.config import load_config
 from trainers.errors import DataError
 
+from tests.helpers import run_cli
+
 CLI = [sys.executable, "-m", "orchestrator"]
 
 
@@ -191,7 +193,7 @@ def test_tiny_latent_example_end_to_end(encoder, tmp_path):
     """The shipped example, shortened: encode on Ray tasks, train on Ray Train, decoded grid,
     decoded samples scored with the shapes feature net, `denoiselab sample` decodes too."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    run = lambda *a: subprocess.run([*CLI, *a], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)  # noqa: E731
+    run = lambda *a: run_cli(CLI, *a, timeout=280, cwd=tmp_path, env=env)  # noqa: E731
     out = run("data", "prepare", "shapes", "--num-samples", "512", "--encoder", encoder, "--scale-factor",
               "auto", "--flip", "--shard-size", "128", "--out", "runs/data/shapes-latents")
     assert out.returncode == 0, out.stderr
