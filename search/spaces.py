@@ -439,10 +439,11 @@ _INTERVALS: dict = {}
 
 
 def validate_space(fn: SpaceFunction, samples: int = 48, seed: int = 0,
-                   grid: Optional[dict[str, list]] = None) -> set[str]:
+                   grid: Optional[dict[str, list]] = None, checked: Optional[set[str]] = None) -> set[str]:
     """Draw ``samples`` trials at random (in memory), or every point of ``grid`` (a grid study),
     and check every distinct one as the driver would; returns the Optuna parameters that were
-    drawn. Fails before any trial starts, naming the arm where the draw came from one."""
+    drawn. Fails before any trial starts, naming the arm where the draw came from one. ``checked``
+    (updated in place) holds the draws already checked by an earlier pass, which are skipped."""
     import itertools
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -453,7 +454,7 @@ def validate_space(fn: SpaceFunction, samples: int = 48, seed: int = 0,
     else:
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
         trials = [study.ask() for _ in range(samples)]
-    seen: set[str] = set()
+    seen: set[str] = set() if checked is None else checked
     drawn_params: set[str] = set()
     for trial in trials:
         try:

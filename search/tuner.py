@@ -113,12 +113,13 @@ def prepare_study(study: StudyConfig, samples: int = 48) -> PreparedStudy:
     """Everything that can fail before Ray starts: configs, space, storage, tracking."""
     base = base_run_dict(study)
     space = SpaceFunction(resolve_space(study.space, study.arms), base, study.arms)
-    drawn = validate_space(space, samples=samples, seed=study.seed)
+    checked: set[str] = set()
+    drawn = validate_space(space, samples=samples, seed=study.seed, checked=checked)
     grid = None
     if study.sampler.kind == "grid":
         grid = grid_of(space.specs, drawn)                    # continuous ranges fail here
         if math.prod(len(v) for v in grid.values()) <= _GRID_CHECKED:
-            validate_space(space, grid=grid)                  # every point (every arm) checked before Ray starts
+            validate_space(space, grid=grid, checked=checked)  # every point (every arm) checked before Ray starts
     sc = study.scheduler
     if final_only(study) and not base["eval"]["n"]:
         raise StudyError(f"metric: {study.metric} comes from the evaluation at the end of each trial, and the base "

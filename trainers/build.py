@@ -24,17 +24,24 @@ __all__ = ["resolve_run_intervals", "resume_check", "build_diffusion", "build_ne
            "build_all", "network_from_state", "expert_set_from_state"]
 
 
-def load_affinity(path: str) -> np.ndarray:
-    """Task-affinity matrix [T, T] from a local ``.npz`` written by ``denoiselab affinity``."""
+def read_affinity(path: str, field: str = "intervals.artifact") -> tuple[np.ndarray, Optional[list[int]]]:
+    """Task-affinity matrix [T, T] from a local ``.npz`` written by ``denoiselab affinity``, and the
+    interval boundaries its DP chose when the file holds them; errors name `field`."""
     p = Path(path)
     if not p.exists():
-        raise DataError(f"intervals.artifact: {path} not found; run `denoiselab affinity` first "
+        raise DataError(f"{field}: {path} not found; run `denoiselab affinity` first "
                         f"or point at its tas.npz")
     try:
         with np.load(p) as data:
-            return np.asarray(data["tas"], dtype=np.float64)
+            bounds = [int(b) for b in data["bounds"]] if "bounds" in data.files else None
+            return np.asarray(data["tas"], dtype=np.float64), bounds
     except (KeyError, ValueError, OSError) as err:
-        raise DataError(f"intervals.artifact: {path} is not a task-affinity artifact ({err})") from None
+        raise DataError(f"{field}: {path} is not a task-affinity artifact ({err})") from None
+
+
+def load_affinity(path: str) -> np.ndarray:
+    """Task-affinity matrix [T, T] from a local ``.npz`` written by ``denoiselab affinity``."""
+    return read_affinity(path)[0]
 
 
 def resolve_run_intervals(cfg: RunConfig, tas: Optional[np.ndarray] = None) -> tuple[Intervals, float]:

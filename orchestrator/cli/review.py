@@ -55,9 +55,10 @@ def _cmd_review(args) -> int:
 
 def _review_studies(client, args) -> int:
     from orchestrator.review.arms import collect_arm_runs, format_arms, format_verdicts, judge, load_claims, \
-        summarize, write_report
+        study_parent, summarize, write_report
     claims = load_claims(args.claims) if args.claims else []          # a bad claims file fails before any query
-    runs = collect_arm_runs(client, args.studies)
+    parents = {study: study_parent(client, study) for study in args.studies}
+    runs = collect_arm_runs(client, parents)
     summaries = summarize(runs)
     verdicts = judge(claims, summaries)
     paths = write_report(args.out, runs, summaries, verdicts)
@@ -69,16 +70,9 @@ def _review_studies(client, args) -> int:
             print("\n" + format_verdicts(verdicts))
         print(f"\n{len(runs)} runs, {len(summaries)} arms -> {', '.join(str(p) for p in paths.values())}")
     if not args.no_log:
-        _log_to_studies(client, args.studies, paths)
-    return 0
-
-
-def _log_to_studies(client, studies: list[str], paths: dict) -> None:
-    from orchestrator.review.arms import study_parent
-    for study in studies:
-        parent = study_parent(client, study)
-        for path in paths.values():
-            client.log_artifact(parent.info.run_id, str(path), artifact_path="review")
+        for parent in parents.values():
+            for path in paths.values():
+                client.log_artifact(parent.info.run_id, str(path), artifact_path="review")
 
 
 def _cmd_replay(args) -> int:

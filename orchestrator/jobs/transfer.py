@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from trainers.errors import ConfigError
@@ -115,11 +114,8 @@ def run_transfer(req: TransferRequest) -> dict:
 def _affinity(path: Optional[str]):
     if not path:
         return None, None
-    from trainers.build import load_affinity
-    tas = load_affinity(path)
-    with np.load(path) as data:
-        bounds = [int(b) for b in data["bounds"]] if "bounds" in data.files else None
-    return tas, bounds
+    from trainers.build import read_affinity
+    return read_affinity(path, "--affinity")
 
 
 def _log(req: TransferRequest, cfg, paths: dict) -> Optional[str]:

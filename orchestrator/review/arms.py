@@ -147,12 +147,11 @@ def _arm_order(client, parent) -> list[str]:
         return []
 
 
-def collect_arm_runs(client, studies: list[str]) -> list[ArmRun]:
-    """Every finished, arm-tagged child run of the named studies, in study order, then arm order
-    (as the study defines its arms), then seed."""
+def collect_arm_runs(client, parents: dict) -> list[ArmRun]:
+    """Every finished, arm-tagged child run of the studies (name -> parent run, see
+    `study_parent`), in study order, then arm order (as the study defines its arms), then seed."""
     out: list[ArmRun] = []
-    for study in studies:
-        parent = study_parent(client, study)
+    for study, parent in parents.items():
         children = client.search_runs([parent.info.experiment_id],
                                       filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
                                       max_results=10000)

@@ -13,12 +13,14 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["curves", "interval_heatmaps", "families", "sample_grids", "summary_heatmaps", "figure_png", "run_summaries"]
+__all__ = ["curves", "interval_heatmaps", "families", "sample_grids", "summary_heatmaps", "figure_png", "run_summaries",
+           "figure_grid", "finish_axis"]
 
 Series = list[tuple[str, dict[str, list[tuple[int, float]]]]]
 
 
-def _figure(panels: int, title: str, width: float = 6.0, height: float = 3.6) -> tuple[Figure, list]:
+def figure_grid(panels: int, title: str, width: float = 6.0, height: float = 3.6) -> tuple[Figure, list]:
+    """A figure of `panels` axes, at most 3 per row, with its Agg canvas."""
     cols = min(panels, 3)
     rows = math.ceil(panels / cols)
     fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
@@ -36,7 +38,7 @@ def curves(series: Series, keys: list[str], title: str, log_y: bool = False,
     keys = [k for k in keys if any(h.get(k) for _, h in series)]
     if not keys:
         return None
-    fig, axes = _figure(len(keys), title)
+    fig, axes = figure_grid(len(keys), title)
     for ax, key in zip(axes, keys):
         for name, hist in series:
             points = hist.get(key) or []
@@ -46,13 +48,22 @@ def curves(series: Series, keys: list[str], title: str, log_y: bool = False,
             draw = ax.step if step_plot else ax.plot
             kwargs = {"where": "post"} if step_plot else {"marker": "o" if len(points) < 12 else None}
             draw(steps, values, label=name, **kwargs)
-        if log_y and all(v > 0 for _, h in series for _, v in h.get(key, [])):
-            ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_title(key)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        log = log_y and all(v > 0 for _, h in series for _, v in h.get(key, []))
+        finish_axis(ax, key, xlabel="step", log_y=log, legend_size=8)
     return fig
+
+
+def finish_axis(ax, title: str, xlabel: Optional[str] = None, log_y: bool = False, legend_size: Optional[int] = None,
+                grid_axis: str = "both") -> None:
+    """Title, x label, log scale, light grid and legend of one panel."""
+    if log_y:
+        ax.set_yscale("log")
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis=grid_axis)
+    if legend_size:
+        ax.legend(fontsize=legend_size)
 
 
 def interval_heatmaps(series: Series, indexed: list[list[tuple[int, str]]]) -> Optional[Figure]:
@@ -60,7 +71,7 @@ def interval_heatmaps(series: Series, indexed: list[list[tuple[int, str]]]) -> O
     panels = [(name, hist, keys) for (name, hist), keys in zip(series, indexed) if keys]
     if not panels:
         return None
-    fig, axes = _figure(len(panels), "per-interval loss (log10), steps × intervals")
+    fig, axes = figure_grid(len(panels), "per-interval loss (log10), steps × intervals")
     for ax, (name, hist, keys) in zip(axes, panels):
         steps = sorted({s for _, key in keys for s, _ in hist.get(key, [])})
         col = {s: j for j, s in enumerate(steps)}
@@ -85,17 +96,14 @@ def families(series: Series, indexed: list[list[tuple[int, str]]], title: str) -
     panels = [(name, hist, keys) for (name, hist), keys in zip(series, indexed) if keys]
     if not panels:
         return None
-    fig, axes = _figure(len(panels), title)
+    fig, axes = figure_grid(len(panels), title)
     for ax, (name, hist, keys) in zip(axes, panels):
         for k, key in keys:
             points = hist.get(key) or []
             if points:
                 steps, values = zip(*points)
                 ax.plot(steps, values, label=f"interval {k}")
-        ax.set_xlabel("step")
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        finish_axis(ax, name, xlabel="step", legend_size=8)
     return fig
 
 
@@ -116,7 +124,7 @@ def sample_grids(client, runs: list, names: list[str]) -> Optional[Figure]:
     grids = [(name, g) for name, g in grids if g is not None]
     if not grids:
         return None
-    fig, axes = _figure(len(grids), "final samples (EMA)", width=4.0, height=4.2)
+    fig, axes = figure_grid(len(grids), "final samples (EMA)", width=4.0, height=4.2)
     for ax, (name, grid) in zip(axes, grids):
         ax.imshow(grid, interpolation="nearest")
         ax.set_title(name, fontsize=9)
@@ -129,7 +137,7 @@ def summary_heatmaps(panels: list[tuple[str, dict]]) -> Optional[Figure]:
     panels = [(name, s) for name, s in panels if s.get("kind") == "heatmap" and s.get("values")]
     if not panels:
         return None
-    fig, axes = _figure(len(panels), panels[0][1].get("title", "summary"))
+    fig, axes = figure_grid(len(panels), panels[0][1].get("title", "summary"))
     for ax, (name, summary) in zip(axes, panels):
         values = np.asarray(summary["values"], dtype=float)
         image = ax.imshow(values, aspect="auto", origin="lower", interpolation="nearest", cmap="magma")

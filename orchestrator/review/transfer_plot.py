@@ -7,7 +7,7 @@ from typing import Optional
 import numpy as np
 from matplotlib.figure import Figure
 
-from orchestrator.review.plots import _figure
+from orchestrator.review.plots import figure_grid, finish_axis
 
 __all__ = ["transfer_figure"]
 
@@ -21,7 +21,7 @@ def _boundaries(ax, bounds: list[int], **style) -> None:
 def transfer_figure(gaps: list[dict], tas: Optional[np.ndarray], run_bounds: list[int],
                     tas_bounds: Optional[list[int]], title: str) -> Figure:
     panels = 2 if tas is not None else 1
-    fig, axes = _figure(panels, title, width=6.0, height=5.0)
+    fig, axes = figure_grid(panels, title, width=6.0, height=5.0)
     if tas is not None:
         ax = axes[0]
         image = ax.imshow(tas, origin="lower", cmap="viridis", vmin=-1.0, vmax=1.0, interpolation="nearest")
@@ -40,11 +40,8 @@ def transfer_figure(gaps: list[dict], tas: Optional[np.ndarray], run_bounds: lis
         top = max(g["multi"], g["single"])
         ax.annotate(f"{100 * g['relative_gap']:+.1f} %", (g["interval"], top), ha="center", va="bottom", fontsize=8,
                     color="C3" if g["gap"] > 0 else "C2")
-    ax.set_yscale("log")
     ax.set_xticks(k, [f"{i}" for i in k])
-    ax.set_xlabel("interval (0 = least noise)")
     ax.set_ylabel("denoising loss (ε-MSE + vb)")
-    ax.set_title("gap > 0 (red): negative transfer on that interval")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    finish_axis(ax, "gap > 0 (red): negative transfer on that interval", xlabel="interval (0 = least noise)",
+                log_y=True, legend_size=8, grid_axis="y")
     return fig
