@@ -101,8 +101,8 @@ class PatientHandler(pafs.FileSystemHandler):
         return self.open_input_stream(path)
 
     def _read(self, path: str) -> bytes:
-        with self.inner.open_input_stream(path) as fh:
-            return fh.read()
+        from orchestrator.infra.storage import read_whole
+        return read_whole(self.inner, path)
 
     def open_output_stream(self, path: str, metadata):
         return pa.PythonFile(_BufferedUpload(self, path, metadata), mode="w")

@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 from orchestrator.infra.retry import first_line
 from trainers.errors import UserError
 
-__all__ = ["StorageError", "Storage", "open_storage", "endpoint_from_env", "CREDENTIAL_VARS", "SECRET_VARS",
+__all__ = ["StorageError", "Storage", "open_storage", "read_whole", "endpoint_from_env", "CREDENTIAL_VARS", "SECRET_VARS",
            "ENDPOINT_VARS"]
 
 SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
@@ -42,6 +42,14 @@ class StorageError(UserError):
 
 def endpoint_from_env() -> Optional[str]:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def read_whole(fs: pafs.FileSystem, path: str) -> bytes:
+    """A whole file in one read: on S3 one GET of the object's full range. (``open_input_stream``
+    reads in small ranged GETs one after another: a 64 MB checkpoint took 20 s from a loopback
+    moto server, against 0.3 s this way; ``benchmarks/checkpoint.py``.)"""
+    with fs.open_input_file(path) as fh:
+        return fh.read(fh.size())
 
 
 @dataclass(frozen=True)
@@ -66,8 +74,7 @@ class Storage:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
     def read_bytes(self, *parts: str) -> bytes:
-        with self.fs.open_input_stream(self.path(*parts)) as fh:
-            return fh.read()
+        return read_whole(self.fs, self.path(*parts))
 
     def write_bytes(self, data: bytes, *parts: str) -> str:
         target = self.path(*parts)
