@@ -73,6 +73,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from orchestrator.infra.session import quiet_ray_data
     quiet_ray_data()                                        # before anything imports ray.data
     import logging
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")    # mlflow sets its own level on import
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
