@@ -12,6 +12,7 @@ checkpoint URI and SHA-256, and its cost; it also goes to the parent run.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -57,6 +58,10 @@ def _finished(storage: Storage, cfg: RunConfig) -> bool:
 def _train_expert(data: dict, parent_run_id: str, quiet: bool) -> dict:
     """Ray task body: one expert's Ray Train run (Ray is already connected in a task)."""
     from orchestrator.runs.driver import TrainRequest, run_training
+    # the experts of a set queue for the cluster's CPUs by design (each fits alone: checked before
+    # Ray starts), so a waiting expert's worker group must not time out after Ray's 60 s and
+    # print a controller traceback per retry; Ray Train hands this variable to the run's controller
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(24 * 3600))
     out = run_training(TrainRequest(load_config(data), parent_run_id=parent_run_id, quiet=quiet))
     return {"run": out.run_name, "run_id": out.run_id, "checkpoint": out.checkpoint_uri}
 
