@@ -93,6 +93,10 @@ def quiet_ray_data() -> None:
         os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
 
 
+EMBEDDED_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+                     "RAY_enable_metrics_collection": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
+
+
 def connect_ray(address: Optional[str]) -> None:
     import ray
     if ray.is_initialized():
@@ -104,9 +108,11 @@ def connect_ray(address: Optional[str]) -> None:
         port = _dashboard_port()
         local = {"address": "local", "dashboard_port": port}
         # the embedded one-node instance starts what a run needs: no node ever drains here (no
-        # preemption-watcher actor per run), and no usage report goes out
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # preemption-watcher actor per run), no usage report goes out, and no metrics are
+        # collected for a Prometheus nobody scrapes (Ray's core metrics, Train's per-report ones);
+        # each is the user's to turn back on through the same variable
+        for var, value in EMBEDDED_DEFAULTS.items():
+            os.environ.setdefault(var, value)
         env.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
     else:
         check_reachable(address or os.environ.get("RAY_ADDRESS"),
