@@ -100,6 +100,11 @@ def _stop_head(gcs_port: int) -> None:
                 proc.kill()
             except psutil.Error:
                 pass
+    # `ray start` recorded this head as the machine's current cluster, and a later `ray.init()`
+    # without an address would try to join it, dead (`ray stop` removes the record too)
+    from ray._private.utils import get_ray_address_file, read_ray_address
+    if (read_ray_address() or "").endswith(f":{gcs_port}"):
+        os.remove(get_ray_address_file(None))
 
 
 @pytest.mark.ray
