@@ -94,7 +94,8 @@ def quiet_ray_data() -> None:
 
 
 EMBEDDED_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-                     "RAY_enable_metrics_collection": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
+                     "RAY_enable_metrics_collection": "0", "RAY_TRAIN_METRICS_ENABLED": "0",
+                     "REPORTER_UPDATE_INTERVAL_MS": "60000"}   # the dashboard's node stats: every minute, not 5 s
 
 
 def connect_ray(address: Optional[str]) -> None:
@@ -108,9 +109,11 @@ def connect_ray(address: Optional[str]) -> None:
         port = _dashboard_port()
         local = {"address": "local", "dashboard_port": port}
         # the embedded one-node instance starts what a run needs: no node ever drains here (no
-        # preemption-watcher actor per run), no usage report goes out, and no metrics are
-        # collected for a Prometheus nobody scrapes (Ray's core metrics, Train's per-report ones);
-        # each is the user's to turn back on through the same variable
+        # preemption-watcher actor per run), no usage report goes out, no metrics are collected
+        # for a Prometheus nobody scrapes (Ray's core metrics, Train's per-report ones), and the
+        # dashboard agent samples every process's stats once a minute instead of every 5 s (on
+        # two cores all of it competes with training); each is the user's to set otherwise
+        # through the same variable
         for var, value in EMBEDDED_DEFAULTS.items():
             os.environ.setdefault(var, value)
         env.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
