@@ -104,10 +104,11 @@ def test_probability_schedules() -> None:
 
 def test_expert_set_expansion_with_ramp_and_identical_control() -> None:
     base = tiny_config({"meme": {"ramp": {"r0": 1.0, "gamma_t": 0.5, "gamma_d": 0.5}}}, name="set",
-                       model={"name": "UNet-N"}, intervals={"count": 3})
+                       model={"name": "UNet-N"}, intervals={"count": 3}, eval={"n": 8}, sample={"n": 4})
     experts = expert_configs(base)
     assert [e.name for e in experts] == ["set-expert0", "set-expert1", "set-expert2"]
     assert [e.methods.meme.expert for e in experts] == [0, 1, 2]
+    assert all(e.eval.n == 0 and e.sample.n == 0 for e in experts)          # samples and FD are the set's
     assert [e.model.arch["high"] for e in experts] == [list(ramp_high(RampConfig(1.0, 0.5, 0.5), n, 2))
                                                        for n in range(3)]
     assert experts[0].model.arch["high"] == [0.5, pytest.approx(1 / 3, abs=1e-6)]     # r/(1+r): 1 and 0.5

@@ -138,7 +138,9 @@ def _build(cfg: MemeConfig, ctx: BuildContext) -> Contribution:
 def expert_configs(cfg) -> list:
     """The N run configs of an expert-set config: expert n gets its model (the ``experts`` list,
     the ramp's mixer ratios, or the run's model) and ``methods.meme.expert = n``; names
-    ``<set>-expert<n>``."""
+    ``<set>-expert<n>``. Experts draw no sample grid and run no evaluation of their own: an
+    expert alone denoises its interval, not the whole chain, so samples and FD are the set's,
+    through the router (a study's trial, ``denoiselab sample|evaluate SET``)."""
     from trainers.models.registry import stage_count
     meme: MemeConfig = cfg.methods.meme
     if meme is None:
@@ -161,7 +163,8 @@ def expert_configs(cfg) -> list:
                                   f"no mixers (use a UNet-<size> model, or list methods.meme.experts)")
             model["arch"] = {**(model.get("arch") or {}), "high": list(ramp_high(meme.ramp, n, stages))}
         data = cfg.to_dict()
-        data.update(name=f"{cfg.name}-expert{n}", model=model)
+        data.update(name=f"{cfg.name}-expert{n}", model=model, eval={**data["eval"], "n": 0},
+                    sample={**data["sample"], "n": 0})
         data["methods"]["meme"] = {**data["methods"]["meme"], "expert": n}
         out.append(data)
     from trainers.config import load_config
