@@ -73,6 +73,7 @@ def _review_studies(client, args) -> int:
         for parent in parents.values():
             for path in paths.values():
                 client.log_artifact(parent.info.run_id, str(path), artifact_path="review")
+    return 0
 
 
 def _cmd_replay(args) -> int:
