@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/dmp.py
 	$(PY) benchmarks/meme.py
 	$(PY) benchmarks/latents.py
+	$(PY) benchmarks/checkpoint.py --model DiT-S/2
 
 # The five-paper reproduction (benchmarks/repro/README.md): about 90 minutes on 2 cores; resumable.
 repro: $(STAMP)
