@@ -70,10 +70,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.verbose = args.verbose or "--verbose" in flags
     if args.verbose:
         os.environ["DENOISELAB_VERBOSE"] = "1"
-    from orchestrator.infra.session import quiet_ray_data
-    quiet_ray_data()                                        # before anything imports ray.data
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")            # read when ray is imported: dedup would fold the
-    #                                                         trials' and workers' progress lines together
+    from orchestrator.infra.session import quiet_ray_console
+    quiet_ray_console()                                     # before anything imports ray
     import logging
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")    # mlflow sets its own level on import
     logging.getLogger("mlflow").setLevel(logging.WARNING)

@@ -24,7 +24,7 @@ from orchestrator.infra.retry import first_line
 from orchestrator.infra.storage import ENDPOINT_VARS
 from trainers.errors import UserError
 
-__all__ = ["worker_env", "connect_ray", "quiet_ray_data", "check_reachable", "detect_auth_mode", "in_ray_job", "durable_path"]
+__all__ = ["worker_env", "connect_ray", "quiet_ray_console", "check_reachable", "detect_auth_mode", "in_ray_job", "durable_path"]
 
 DEFAULT_PORTS = {"ray": 10001, "http": 8265, "https": 443, "": 6379}
 
@@ -86,11 +86,14 @@ def worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in names if k in os.environ}
 
 
-def quiet_ray_data() -> None:
-    """Ray Data's INFO lines to its log file only (unless --verbose). Must run before anything
-    imports ``ray.data``: the CLI calls it first thing, ``connect_ray`` for programmatic callers."""
+def quiet_ray_console() -> None:
+    """Ray's console settings that are read when ``ray`` (or ``ray.data``) is imported, so must be
+    set before: Ray Data's INFO lines to its log file only (unless --verbose), and no log
+    deduplication (it would fold the trials' and workers' progress lines together). The CLI calls
+    it first thing, ``connect_ray`` for programmatic callers."""
     if not os.environ.get("DENOISELAB_VERBOSE"):
         os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 EMBEDDED_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_USAGE_STATS_ENABLED": "0",
@@ -99,11 +102,10 @@ EMBEDDED_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_USAGE_STAT
 
 
 def connect_ray(address: Optional[str]) -> None:
+    quiet_ray_console()
     import ray
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")     # dedup would fold the workers' progress lines together
-    quiet_ray_data()
     env, local = worker_env(), {}
     if address is None and not os.environ.get("RAY_ADDRESS"):
         port = _dashboard_port()
@@ -137,7 +139,6 @@ def disconnect_ray(timeout_s: float = 20.0) -> None:
     """Stop this process's Ray session now (an embedded instance stops with it), waiting at most
     `timeout_s`: after it, no worker's log line can reach the console, so the CLI's own last line
     stays last. A no-op when Ray was never started."""
-    import sys
     import threading
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():

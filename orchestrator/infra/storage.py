@@ -46,8 +46,8 @@ def endpoint_from_env() -> Optional[str]:
 
 def read_whole(fs: pafs.FileSystem, path: str) -> bytes:
     """A whole file in one read: on S3 one GET of the object's full range. (``open_input_stream``
-    reads in small ranged GETs one after another: a 64 MB checkpoint took 20 s from a loopback
-    moto server, against 0.3 s this way; ``benchmarks/checkpoint.py``.)"""
+    reads in small ranged GETs one after another: a 64 MB object took 20 s from a loopback moto
+    server, against 0.3 s this way; see benchmarks/RESULTS.md, "Checkpoint I/O".)"""
     with fs.open_input_file(path) as fh:
         return fh.read(fh.size())
 
