@@ -16,10 +16,11 @@ import sys
 import time
 from typing import Optional
 
+from orchestrator.infra.retry import Backoff, first_line, retry_call
 from orchestrator.infra.storage import ENDPOINT_VARS, SECRET_VARS
 from trainers.errors import UserError
 
-__all__ = ["register", "job_env", "entrypoint_for", "SUBMITTABLE"]
+__all__ = ["register", "job_env", "entrypoint_for", "submit_when_ready", "SUBMITTABLE"]
 
 SUBMITTABLE = ("train", "search", "experts", "sample", "evaluate", "affinity", "data")
 PLAIN_VARS = ("MLFLOW_TRACKING_URI", *ENDPOINT_VARS, "DENOISELAB_CACHE", "DENOISELAB_INCEPTION",
@@ -107,12 +108,38 @@ def _cmd_submit(args) -> int:
               f"  env_vars     {', '.join(sorted(env)) or '-'}")
         return 0
     client = client_for(args.address)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    job_id = submit_when_ready(client, entrypoint, runtime_env)
     print(f"submitted job {job_id}: {entrypoint}", file=sys.stderr)
     print(job_id)
     if args.no_wait:
         return 0
     return _follow(client, job_id)
+
+
+AGENT_NOT_READY = "No available agent to submit job"
+
+
+class AgentNotReady(ConnectionError):
+    """The head answers, but its job agent is still starting."""
+
+
+def submit_when_ready(client, entrypoint: str, runtime_env: dict, backoff: Backoff = Backoff(90.0)) -> str:
+    """Submit, waiting while the head's job agent is still starting: a head that `ray start` or
+    `ray up` has just returned from answers "No available agent to submit job, please try again
+    later" for a few seconds (longer on a busy machine). Any other refusal fails at once, in one
+    line."""
+    def submit() -> str:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as err:
+            if AGENT_NOT_READY in str(err):
+                raise AgentNotReady(first_line(err, 300)) from None
+            raise UserError(f"submit: the cluster refused the job: {first_line(err, 300)}") from None
+    try:
+        return retry_call(submit, backoff, "submit (the head's job agent is starting)", transient=(AgentNotReady,))
+    except AgentNotReady as err:
+        raise UserError(f"submit: the head's job agent was not ready after {backoff.budget:.0f} s ({err}); see "
+                        f"dashboard_agent.log in the head's Ray session logs") from None
 
 
 def _follow(client, job_id: str) -> int:

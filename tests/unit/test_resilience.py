@@ -171,3 +171,32 @@ def test_the_null_tracker_answers_everything_the_worker_tracker_does():
     from orchestrator.infra.tracking import NullTracker
     public = {n for n in dir(WorkerTracker) if not n.startswith("_")} | {"committed"}
     assert not public - set(dir(NullTracker)), sorted(public - set(dir(NullTracker)))
+
+
+class _StartingHead:
+    """A Jobs API client whose head refuses ``fails`` submissions as a just-started head does."""
+
+    def __init__(self, fails: int, error: str = "Request failed with status code 500: No available agent to submit "
+                                                 "job, please try again later.."):
+        self.fails, self.error, self.calls = fails, error, 0
+
+    def submit_job(self, entrypoint: str, runtime_env: dict) -> str:
+        self.calls += 1
+        if self.calls <= self.fails:
+            raise RuntimeError(self.error)
+        return "raysubmit_1"
+
+
+def test_submit_waits_for_a_starting_job_agent_and_refuses_the_rest_in_one_line(capsys):
+    from orchestrator.cli.jobs import submit_when_ready
+    from trainers.errors import UserError
+    head = _StartingHead(fails=2)
+    assert submit_when_ready(head, "denoiselab train c.yaml", {}, Backoff(5.0, first=0.01)) == "raysubmit_1"
+    assert head.calls == 3 and "succeeded after" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"job agent was not ready after 0 s .*dashboard_agent.log"):
+        submit_when_ready(_StartingHead(fails=99), "denoiselab train c.yaml", {}, Backoff(0.05, first=0.01))
+    refused = _StartingHead(fails=1, error="Request failed with status code 400: bad runtime_env\nTraceback ...")
+    with pytest.raises(UserError, match=r"^submit: the cluster refused the job: Request failed with status code "
+                                        r"400: bad runtime_env$"):
+        submit_when_ready(refused, "denoiselab train c.yaml", {}, Backoff(5.0, first=0.01))
+    assert refused.calls == 1
