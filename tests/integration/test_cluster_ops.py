@@ -64,16 +64,23 @@ def head(s3, tmp_path_factory):
     environment holds the storage credentials (the s3 fixture's), as a cluster node's would:
     denoiselab never sends credentials through Ray."""
     home = tmp_path_factory.mktemp("head-home")
-    ports = {"gcs": free_port(), "dashboard": free_port(), "client": free_port()}
+    # every port its own: another Ray instance on this host (the other test process's, a developer's)
+    # holds Ray's default dashboard-agent port 52365, and a head whose agent cannot bind it takes no jobs
+    # ("No available agent to submit job")
+    ports = {"gcs": free_port(), "dashboard": free_port(), "client": free_port(), "agent": free_port()}
+    # the head's processes point the State API at its own dashboard (as connect_ray does for a local
+    # instance), so Train V2's placement-group cleaner never picks another Ray instance on this host
     env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "DENOISELAB_HOME": str(home / "durable"),
-           "RAY_DEDUP_LOGS": "0", "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+           "RAY_DEDUP_LOGS": "0", "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+           "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{ports['dashboard']}"}
     env.pop("RAY_ADDRESS", None)
     from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
     (home / ".ray").mkdir()
     (home / ".ray" / "auth_token").write_text(generate_new_authentication_token())
     start = subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(ports["gcs"]),
                             "--dashboard-port", str(ports["dashboard"]), "--ray-client-server-port",
-                            str(ports["client"]), "--num-cpus", "2", "--disable-usage-stats",
+                            str(ports["client"]), "--dashboard-agent-listen-port", str(ports["agent"]),
+                            "--num-cpus", "2", "--disable-usage-stats",
                             "--dashboard-host", "127.0.0.1"], env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stdout + start.stderr
     try:

@@ -11,7 +11,7 @@ from orchestrator.infra.data_io import write_dataset
 from orchestrator.infra.session import worker_env
 from orchestrator.runs.driver import TrainRequest, run_training
 from orchestrator.infra.storage import StorageError, open_storage
-from tests.helpers import ray_run_dict
+from tests.helpers import free_port, ray_run_dict
 from tests.integration.conftest import list_keys
 from trainers.config import DataConfig, load_config
 from trainers.data import builtin_dataset
@@ -25,10 +25,13 @@ def cluster(s3):
     from ray.cluster_utils import Cluster
     if ray.is_initialized():
         ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True})
+    port = free_port()        # the State API of every worker points at this cluster's dashboard, as
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,   # connect_ray
+                                                      "dashboard_port": port})               # does locally
     nodes = [c.add_node(num_cpus=2) for _ in range(2)]
     c.wait_for_nodes()
-    ray.init(address=c.address, runtime_env={"env_vars": worker_env()}, logging_level="ERROR")
+    ray.init(address=c.address, logging_level="ERROR",
+             runtime_env={"env_vars": {**worker_env(), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
     yield c, nodes
     ray.shutdown()
     c.shutdown()
