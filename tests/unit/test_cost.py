@@ -43,7 +43,7 @@ def test_cost_command_prints_a_table_and_json(capsys) -> None:
     from orchestrator.cli import main
     assert main(["cost", "orchestrator/experiments/quickstart.yaml"]) == 0
     table = capsys.readouterr().out
-    assert "DiT-T/2 (dtr+ant)" in table and "1x8x8, 10 classes" in table and "1 MAC = 2 FLOPs" in table
+    assert "DiT-N/2 (dtr+ant)" in table and "1x8x8, 10 classes" in table and "1 MAC = 2 FLOPs" in table
     assert main(["cost", "--set", "model.name=DiT-XL/2", "--input", "4x32x32", "--classes", "1000", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["model"] == "DiT-XL/2" and out["input"] == "4x32x32" and out["classes"] == 1000
