@@ -2,6 +2,12 @@
 with one worker. Prints steady-state steps/s of each (median over logging windows, the first
 window dropped), their ratio (target >= 0.97), and startup seconds separately.
 
+The two are interleaved in one process, and the order alternates between repeats (in-process
+first on even repeats, Ray first on odd ones) so that a slow drift of the machine does not favour
+either. Each repeat's ratio pairs the two runs next to each other; the summary gives the median
+ratio, the quartiles of the per-repeat ratios and a bootstrap 90 % interval of the median, so a
+gap can be read against the spread.
+
     .venv/bin/python benchmarks/ray_overhead.py [--steps 300] [--repeats 2]
 """
 from __future__ import annotations
@@ -9,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import statistics
 import sys
 import tempfile
 import time
@@ -55,6 +63,20 @@ def through_ray(cfg) -> tuple[float, float]:
     return median(m.value for m in history[1:]), wall
 
 
+def quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (float("nan"), float("nan"))
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def bootstrap_median_interval(values: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """5th and 95th percentiles of the median over resamples (with replacement) of the repeats."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    return medians[int(0.05 * draws)], medians[int(0.95 * draws) - 1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=300)
@@ -68,8 +90,12 @@ def main() -> None:
         connect_ray(None)                  # the embedded instance exactly as `denoiselab train` starts it
         ray_init_s = time.perf_counter() - t0
         for r in range(args.repeats):
-            local_sps, local_wall = in_process(config(args.steps, tmp, f"local-{r}"), tmp)
-            ray_sps, ray_wall = through_ray(config(args.steps, tmp, f"ray-{r}"))
+            if r % 2 == 0:
+                local_sps, local_wall = in_process(config(args.steps, tmp, f"local-{r}"), tmp)
+                ray_sps, ray_wall = through_ray(config(args.steps, tmp, f"ray-{r}"))
+            else:
+                ray_sps, ray_wall = through_ray(config(args.steps, tmp, f"ray-{r}"))
+                local_sps, local_wall = in_process(config(args.steps, tmp, f"local-{r}"), tmp)
             rows.append({"repeat": r, "in_process_steps_s": local_sps, "ray_steps_s": ray_sps,
                          "ratio": ray_sps / local_sps, "in_process_wall_s": local_wall, "ray_wall_s": ray_wall,
                          "ray_startup_s": ray_wall - args.steps / ray_sps})
@@ -79,7 +105,13 @@ def main() -> None:
               "in_process_steps_s": median(r["in_process_steps_s"] for r in rows),
               "ray_steps_s": median(r["ray_steps_s"] for r in rows),
               "ratio": median(r["ratio"] for r in rows), "ray_startup_s": median(r["ray_startup_s"] for r in rows)}
-    print(f"\nsteady-state ratio Ray/in-process: {result['ratio']:.3f} (target >= 0.97); "
+    ratios = [r["ratio"] for r in rows]
+    result["ratio_quartiles"] = quartiles(ratios)
+    result["ratio_median_90ci"] = bootstrap_median_interval(ratios)
+    low, high = result["ratio_median_90ci"]
+    print(f"\nsteady-state ratio Ray/in-process: median {result['ratio']:.3f} over {len(rows)} repeats "
+          f"(quartiles {result['ratio_quartiles'][0]:.3f}-{result['ratio_quartiles'][1]:.3f}, bootstrap 90% "
+          f"interval of the median {low:.3f}-{high:.3f}; target >= 0.97); "
           f"ray.init {ray_init_s:.1f}s, Train startup {result['ray_startup_s']:.1f}s")
     emit(result)
 
