@@ -29,30 +29,19 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/denoiselab train orchestrator/experiments/quickstart.yaml
 
-# `make test`: three pytest processes at once, their reports one after the other:
-# - the integration tests that use Ray, split in two halves of about equal length, one process
-#   each; each process has its own shared local Ray instance (conftest's `local_ray`), and the
-#   instances that tests start themselves (a `ray start` head, a multi-node Cluster, `denoiselab`
-#   subprocesses with their embedded Ray) point their State API at their own dashboard, so several
-#   instances on one host never mix. Much of these tests' time is spent waiting on process starts
-#   and health checks, so the halves overlap well on two cores;
-# - the unit, method and GPU tests and the integration tests that start no Ray.
-# With PYTEST_ARGS (paths, -k, -m ...) it is one plain pytest run.
+# `make test`: the integration tests that use Ray (real services, in file order) and, beside them
+# in a second process, the unit, method and GPU tests and the integration tests that start no Ray
+# (their report follows). With PYTEST_ARGS (paths, -k, -m ...) it is one plain pytest run.
 BESIDE := tests/integration/test_fail_fast.py tests/integration/test_data_cli.py \
 	tests/integration/test_concurrent_tracking.py
-SECOND_HALF := tests/integration/test_cluster_ops.py tests/integration/test_driver_crash.py \
-	tests/integration/test_faults.py tests/integration/test_latents.py tests/integration/test_multinode.py \
-	tests/integration/test_secrets.py
 test: $(STAMP)
 ifeq ($(strip $(PYTEST_ARGS)),)
 	@$(PY) -m pytest -q -ra -p no:cacheprovider tests/unit tests/methods tests/gpu $(BESIDE) \
-	  > $(VENV)/unit-tests.log 2>&1 & unit=$$!; \
-	  $(PY) -m pytest -q -ra -p no:cacheprovider $(SECOND_HALF) > $(VENV)/second-half.log 2>&1 & second=$$!; \
-	  $(PY) -m pytest -q -ra tests/integration $(addprefix --ignore=,$(BESIDE) $(SECOND_HALF)); first=$$?; \
-	  wait $$second; seconds=$$?; wait $$unit; units=$$?; \
-	  echo "== $(SECOND_HALF) (run beside the others)"; cat $(VENV)/second-half.log; \
+	  > $(VENV)/unit-tests.log 2>&1 & \
+	  unit=$$!; $(PY) -m pytest -q -ra tests/integration $(addprefix --ignore=,$(BESIDE)); integration=$$?; \
+	  wait $$unit; units=$$?; \
 	  echo "== tests/unit, tests/methods, tests/gpu and $(BESIDE) (run beside the others)"; \
-	  cat $(VENV)/unit-tests.log; test $$first -eq 0 -a $$seconds -eq 0 -a $$units -eq 0
+	  cat $(VENV)/unit-tests.log; test $$integration -eq 0 -a $$units -eq 0
 else
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 endif
