@@ -25,9 +25,10 @@ def cluster(s3):
     from ray.cluster_utils import Cluster
     if ray.is_initialized():
         ray.shutdown()
-    port = free_port()        # the State API of every worker points at this cluster's dashboard, as
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,   # connect_ray
-                                                      "dashboard_port": port})               # does locally
+    # every worker's State API points at this cluster's dashboard, as connect_ray does for a local
+    # instance, so Train V2's placement-group cleaner never picks another Ray instance on this host
+    port = free_port()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": port})
     nodes = [c.add_node(num_cpus=2) for _ in range(2)]
     c.wait_for_nodes()
     ray.init(address=c.address, logging_level="ERROR",
