@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -62,7 +63,7 @@ def build_state(cfg: RunConfig, runtime: Runtime, batches: BatchSource, *, resum
     ema = EMA(model, cfg.train.ema_decay, follow=_followed(model, plan))
     if resume is not None:
         ema.load_state_dict(resume["ema"], strict=not plan.freeze_backbone)
-    wrapped = runtime.wrap_model(torch.compile(model) if cfg.train.compile else model)
+    wrapped = runtime.wrap_model(_compiled(cfg, model, plan))
     optimizer = make_optimizer(cfg, groups, runtime.device)
     scaler = _scaler(cfg, runtime, plan)
     state = TrainState(model=wrapped, raw_model=model, ema=ema, optimizer=optimizer, scaler=scaler,
@@ -72,6 +73,18 @@ def build_state(cfg: RunConfig, runtime: Runtime, batches: BatchSource, *, resum
     if resume is not None:
         _load_resume(state, resume)
     return state
+
+
+def _compiled(cfg: RunConfig, model: torch.nn.Module, plan) -> torch.nn.Module:
+    """``train.compile``: the model under ``torch.compile``, except for combiners that read every
+    layer's input and output gradient (PCGrad, Nash-MTL), which a compiled graph fuses away."""
+    if not cfg.train.compile:
+        return model
+    if not plan.combiner.compilable:
+        warnings.warn(f"train.compile: ANT-{plan.combiner.name} reads each layer's input and output gradient, "
+                      f"which a compiled graph does not keep; the model runs without torch.compile", stacklevel=2)
+        return model
+    return torch.compile(model)
 
 
 def make_optimizer(cfg: RunConfig, groups: list[dict], device: torch.device) -> torch.optim.AdamW:

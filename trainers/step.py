@@ -10,9 +10,12 @@
     .grad      = combiner(weighter(S/C) + aux)       weighter (mean / UW), combiner (sum / PCGrad / Nash)
     optimizer.step(); ema.update(); pacer.observe(global loss) -> sampler.restrict(pacer.allowed())
 
-The step never waits for the device unless a pacer watches the loss: its metrics come back as a
-:class:`StepOutput` of device tensors, read (one synchronisation) only when the loop logs or
-checkpoints; finiteness is checked on the device every step (``StepOutput.finite``).
+The step never waits for the device unless a pacer watches the loss (the adaptive curriculum) or a
+per-interval combiner reads its Gram matrix (PCGrad, Nash refreshes): the randomness is drawn on
+the host and copied asynchronously from pinned memory, the interval counts come from the host's
+copy of the global timesteps, and the metrics come back as a :class:`StepOutput` of device
+tensors, read (one synchronisation) only when the loop logs or checkpoints; finiteness is checked
+on the device every step (``StepOutput.finite``).
 
 All randomness of step k (t, ε, label dropout) is drawn for the GLOBAL batch from a generator
 seeded by (seed, k); each rank keeps its slice. Resume therefore needs no RNG state, and a run's
@@ -34,7 +37,7 @@ from trainers.methods import Intervals, Plan
 from trainers.runtime import Runtime, sync_gradients
 
 __all__ = ["TrainState", "StepOutput", "train_step", "device_step", "step_generator", "draw_randomness",
-           "sample_weight", "ScaledWeighter"]
+           "to_device", "sample_weight", "ScaledWeighter"]
 
 
 @dataclass
@@ -63,7 +66,9 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def draw_randomness(state: TrainState, step: int, local_n: int, shape: tuple[int, ...]):
-    """(t [n], w [n], ε [n, ...], drop [n]) for this rank, sliced from the global draw of step ``step``."""
+    """(t [n], w [n], ε [n, ...], drop [n], t of the global batch) on the host: this rank's slice of
+    the global draw of step ``step``, and the global timesteps (every rank knows them, so the
+    per-interval counts need neither the device nor a collective)."""
     rt = state.runtime
     gen = step_generator(state.cfg.train.seed, step)
     draws = [state.plan.sampler.sample(local_n, gen) for _ in range(rt.world_size)]
@@ -71,7 +76,17 @@ def draw_randomness(state: TrainState, step: int, local_n: int, shape: tuple[int
     eps = torch.randn((local_n * rt.world_size, *shape), generator=gen)
     drop = torch.rand(local_n * rt.world_size, generator=gen) < state.cfg.model.class_dropout
     sl = slice(rt.rank * local_n, (rt.rank + 1) * local_n)
-    return t[sl], w[sl], eps[sl], drop[sl]
+    return t[sl], w[sl], eps[sl], drop[sl], t
+
+
+def to_device(tensor: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    """A host tensor on ``device`` without waiting for it: on CUDA it is pinned and copied
+    asynchronously (a plain copy from pageable memory synchronises the host with the device)."""
+    if tensor is None or tensor.device == device:
+        return tensor
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _autocast(state: TrainState):
@@ -87,19 +102,31 @@ def sample_weight(lcfg, snr_t: torch.Tensor) -> torch.Tensor:
     return loss_weight(lcfg.weighting, snr_t, **params[lcfg.weighting])
 
 
+@dataclass
+class _Draw:
+    """One step's randomness placed on the device, with what the host knows about it."""
+    t: torch.Tensor                   # [N] this rank's timesteps (device)
+    task: torch.Tensor                # [N] their interval ids (device)
+    counts: torch.Tensor              # [K] samples per interval in the GLOBAL batch (host, int64)
+
+
 def _per_sample_loss(state: TrainState, x0, y, step: int):
     dev = state.runtime.device
-    t, w_t, eps, drop = draw_randomness(state, step, x0.shape[0], tuple(x0.shape[1:]))
-    x0, t, w_t, eps = x0.to(dev, non_blocking=True), t.to(dev), w_t.to(dev), eps.to(dev)
+    t, w_t, eps, drop, t_global = draw_randomness(state, step, x0.shape[0], tuple(x0.shape[1:]))
+    k = state.intervals.num_intervals
+    draw = _Draw(t=to_device(t, dev), task=to_device(state.intervals.task_id(t), dev),
+                 counts=torch.bincount(state.intervals.task_id(t_global), minlength=k))
+    t, x0, w_t, eps = draw.t, to_device(x0, dev), to_device(w_t, dev), to_device(eps, dev)
     if y is not None and state.null_class is not None:
-        y = torch.where(drop.to(dev), torch.full_like(y.to(dev), state.null_class), y.to(dev))
+        y = to_device(y, dev)
+        y = torch.where(to_device(drop, dev), torch.full_like(y, state.null_class), y)
     xt = state.diffusion.q_sample(x0, t, eps)
     state.plan.begin_step(state.raw_model, step, state.runtime.rank)
     with _autocast(state):
         out = state.model(xt, t, y)
     terms = state.diffusion.training_losses(out.float(), x0, xt, t, eps)
-    lam = sample_weight(state.cfg.loss, state.diffusion.snr.to(dev)[t].float())   # [N], Min-SNR / P2
-    return w_t * (lam * terms.mse + terms.vb), terms, t                          # [N]
+    lam = sample_weight(state.cfg.loss, state.diffusion.gather("snr", t, 1))      # [N], Min-SNR / P2
+    return w_t * (lam * terms.mse + terms.vb), terms, draw                       # [N]
 
 
 def _aux_losses(state: TrainState) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]:
@@ -135,7 +162,7 @@ def _optimizer_step(state: TrainState) -> torch.Tensor:
     if clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
     else:
-        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else torch.zeros(())
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
     if state.scaler is not None:
         state.scaler.step(state.optimizer)
         state.scaler.update()
@@ -184,15 +211,17 @@ def device_step(state: TrainState, x0: torch.Tensor, y: Optional[torch.Tensor], 
     manual = plan.combiner.manual_sync(step) and rt.world_size > 1
     capture = plan.combiner.capture(state.raw_model, state.trainable(), step)
     with (rt.no_sync(state.model) if manual else contextlib.nullcontext()), capture:
-        loss_n, terms, t = _per_sample_loss(state, x0, y, step)
-        task = state.intervals.task_id(t)                                        # [N]
-        sums = torch.zeros(k, device=loss_n.device).index_add(0, task, loss_n)   # [K], differentiable
-        local = torch.stack([torch.bincount(task, minlength=k).float(), sums.detach(),
-                             torch.zeros(k, device=loss_n.device).index_add(0, task, terms.mse.detach()),
-                             torch.zeros(k, device=loss_n.device).index_add(0, task, terms.vb.detach())])
+        loss_n, terms, draw = _per_sample_loss(state, x0, y, step)
+        task, dev = draw.task, loss_n.device                                     # [N]
+        sums = torch.zeros(k, device=dev).index_add(0, task, loss_n)             # [K], differentiable
+        ones = torch.ones_like(loss_n, dtype=torch.float32)      # counts by index_add: bincount waits on CUDA
+        local = torch.stack([torch.zeros(k, device=dev).index_add(0, task, ones), sums.detach(),
+                             torch.zeros(k, device=dev).index_add(0, task, terms.mse.detach()),
+                             torch.zeros(k, device=dev).index_add(0, task, terms.vb.detach())])
         glob = rt.all_reduce(local.clone(), op="sum")                             # [4, K]
-        counts = glob[0]
-        active = plan.sampler.active_intervals().to(counts.device) & (counts > 0)
+        counts = glob[0]                                                          # = draw.counts, on the device
+        host_active = plan.sampler.active_intervals() & (draw.counts > 0)        # [K] bool, host
+        active = to_device(host_active, dev)
         task_loss = rt.world_size * sums / counts.clamp(min=1.0)                  # surrogate, see weighters.py
         extra, aux_metrics = _aux_losses(state)
         if extra is not None and state.scaler is not None:
@@ -200,7 +229,7 @@ def device_step(state: TrainState, x0: torch.Tensor, y: Optional[torch.Tensor], 
         weighter = plan.weighter if state.scaler is None else ScaledWeighter(plan.weighter, state.scaler)
         stats = plan.combiner.combine(step, task_loss, counts, active, weighter, state.trainable(), rt, task=task,
                                       extra=extra)
-    plan.weighter.after_backward(active)
+    plan.weighter.after_backward(host_active)
     sync_gradients([p for g in plan.weighter.param_groups() for p in g.params], rt)   # outside DDP
     grad_norm = _optimizer_step(state)
     state.ema.update(state.raw_model)

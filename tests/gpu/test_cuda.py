@@ -128,3 +128,46 @@ def test_attention_takes_the_flash_kernel_at_bf16():
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
         out = state.raw_model(x, t, y)
     assert torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("label", ["vanilla", "dtr+ant-uw"])
+def test_the_step_never_waits_for_the_device(label):
+    """With the sum combiner the step queues its work without one host synchronisation: CUDA's
+    sync debug mode reports every synchronising call (PCGrad, Nash refreshes and the adaptive
+    curriculum read the device by design)."""
+    import warnings
+
+    from trainers.loop import DivergenceWatch
+    from trainers.prefetch import on_device
+    from trainers.step import device_step
+    state, batches = _state(METHODS[label], "bf16")
+    source, watch = on_device(batches, torch.device("cuda"), 8), DivergenceWatch()
+    for s in range(2):                       # first steps: AdamW state, schedule arrays on the device
+        watch.update(device_step(state, *source.get(s), s), s + 1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for s in range(2, 6):
+                watch.update(device_step(state, *source.get(s), s), s + 1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "ynchroniz" in str(w.message)]
+    assert not syncs, "\n".join(syncs)
+    watch.check(0)
+
+
+@pytest.mark.parametrize("label", ["dtr+ant-uw", "ant-pcgrad"])
+def test_compile_on_cuda_matches_eager(label):
+    """train.compile at bf16 trains like the eager model (PCGrad runs eagerly by design)."""
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        cfg = load_config({"model": {"name": "DiT-T/2"}, "diffusion": {"steps": 100}, "intervals": {"count": 4},
+                           "methods": METHODS[label], "train": {"batch_size": 32, "lr": 1e-3, "precision": "bf16",
+                                                                "compile": compiled}})
+        batches = StepBatches(load_digits(), 32)
+        state = build_state(cfg, LocalRuntime("cuda"), batches)
+        losses[compiled] = [train_step(state, *batches.get(s), s)["loss"] for s in range(4)]
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=2e-2, atol=1e-3)

@@ -46,16 +46,19 @@ PACING = {
     "adaptive+uw": {"ant": {"mtl": "uw"}, "curriculum": ADAPTIVE},
 }
 PACING_STEPS = 30
+# torch.compile under DDP (the model compiled, then wrapped): the same step as eager in one process.
+COMPILED = {"vanilla": {}, "dtr+uw": {"dtr": {}, "ant": {"mtl": "uw", "sampling": "iid"}}}
 # Nash alternates explicit gradient reduction (refresh steps, DDP's no_sync) with DDP's own sync.
 NASH_EVERY_2 = {"ant": {"mtl": "nash", "sampling": "iid", "nash_every": 2}}
 
 
-def _one_step_config(methods: dict):
-    return tiny_config(methods, train={"batch_size": 16, "steps": 1, "lr": 1e-3})
+def _one_step_config(methods: dict, compile: bool = False):
+    return tiny_config(methods, train={"batch_size": 16, "steps": 1, "lr": 1e-3, "compile": compile})
 
 
-def _one_step(methods: dict, runtime, rank: int = 0, world_size: int = 1, steps: int = 1, lr: float = 1.0) -> dict:
-    cfg = _one_step_config(methods)
+def _one_step(methods: dict, runtime, rank: int = 0, world_size: int = 1, steps: int = 1, lr: float = 1.0,
+              compile: bool = False) -> dict:
+    cfg = _one_step_config(methods, compile)
     batches = batches_for(cfg, rank, world_size)
     state = build_state(cfg, runtime, batches)
     randomize_(state.raw_model, seed=11, std=0.05)      # identical on every rank; all params get gradients
@@ -94,6 +97,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         assert (runtime.rank, runtime.world_size, runtime.is_main) == (rank, WORLD, rank == 0)
         results: dict = {name: _one_step(methods, runtime, rank, WORLD) for name, methods in ONE_STEP.items()}
         results["nash-every-2"] = _one_step(NASH_EVERY_2, runtime, rank, WORLD, steps=4, lr=0.1)
+        for name, methods in COMPILED.items():
+            results[f"compiled/{name}"] = _one_step(methods, runtime, rank, WORLD, steps=2, lr=0.1, compile=True)
         for name, methods in PACING.items():
             results[f"pacing/{name}"] = _pacing(methods, runtime, rank, WORLD)
         cfg = tiny_config({"ant": {"mtl": "uw"}})                       # stratified, 8 per rank, K = 4
@@ -139,6 +144,17 @@ def test_one_step_on_two_ranks_equals_one_process(ranks, name: str) -> None:
         assert torch.equal(a["alpha"], b["alpha"])
         torch.testing.assert_close(a["alpha"], ref["alpha"], atol=1e-4, rtol=1e-4)
         assert not torch.equal(ref["alpha"], torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", list(COMPILED))
+def test_compiled_model_under_ddp_equals_eager_in_one_process(ranks, name: str) -> None:
+    torch.set_num_threads(1)
+    ref = _one_step(COMPILED[name], LocalRuntime(), steps=2, lr=0.1)
+    a, b = ranks[0][f"compiled/{name}"], ranks[1][f"compiled/{name}"]
+    for key, expected in ref["model"].items():
+        assert torch.equal(a["model"][key], b["model"][key]), key
+        torch.testing.assert_close(a["model"][key], expected, atol=1e-5, rtol=1e-5, msg=key)
+    assert float(a["loss"]) == pytest.approx(float(ref["loss"]), rel=1e-5)
 
 
 def test_nash_alternating_sync_over_several_steps(ranks) -> None:

@@ -27,8 +27,9 @@ def _setup(methods: dict):
 
 def _interval_losses(state, batches):
     """(per-interval mean losses [K], interval of each sample [N], active intervals [K]) of step 0."""
-    loss_n, _, t = _per_sample_loss(state, *batches.get(0), 0)
-    task = state.intervals.task_id(t)
+    loss_n, _, draw = _per_sample_loss(state, *batches.get(0), 0)
+    task = draw.task
+    assert torch.equal(draw.counts, torch.bincount(task, minlength=4))       # one rank: global = local
     counts = torch.bincount(task, minlength=4).float()
     return torch.zeros(4).index_add(0, task, loss_n) / counts.clamp(min=1), task, counts > 0
 
@@ -81,3 +82,14 @@ def test_layerwise_gram_and_weighted_sum_equal_the_dense_matrix(methods):
     idx = torch.nonzero(active).flatten()
     w = pcgrad_weights(layerwise.gram[idx][:, idx], gen())
     torch.testing.assert_close((w.float() @ reference[idx]), pcgrad(reference[idx], gen()), rtol=1e-4, atol=1e-6)
+
+
+def test_compile_leaves_the_per_interval_combiners_eager() -> None:
+    """PCGrad/Nash read each layer's input and output gradient through hooks, which a compiled
+    graph does not keep: with train.compile they say so and run the model eagerly."""
+    from tests.helpers import batches_for, tiny_config
+    for mtl in ("pcgrad", "nash"):
+        cfg = tiny_config({"ant": {"mtl": mtl}}, train={"compile": True})
+        with pytest.warns(UserWarning, match=f"train.compile: ANT-{mtl}"):
+            state = build_state(cfg, LocalRuntime(), batches_for(cfg))
+        assert state.model is state.raw_model

@@ -26,7 +26,10 @@ class LossTerms:
 
 
 def _gather(arr: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
-    out = arr.to(t.device)[t].float()                       # [N]
+    """``arr[t]`` as float, shaped to broadcast over an ``ndim``-dimensional batch. ``arr`` must
+    already be on ``t``'s device (:meth:`GaussianDiffusion.on`): a copy here would wait for the
+    device on every call."""
+    out = arr[t].float()                                     # [N]
     return out.reshape(-1, *([1] * (ndim - 1)))              # [N, 1, 1, 1]
 
 
@@ -81,6 +84,27 @@ class GaussianDiffusion:
         self.snr = t64(ab / (1.0 - ab))
         tmap = np.arange(self.num_timesteps) if timestep_map is None else np.asarray(timestep_map)
         self.timestep_map = torch.from_numpy(tmap.astype(np.int64))
+        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def on(self, name: str, device: torch.device) -> torch.Tensor:
+        """Schedule array ``name`` on ``device``, copied once and kept (the step reads several
+        arrays every step; copying them each time would synchronise with the device)."""
+        arr = getattr(self, name)
+        if arr.device == device:
+            return arr
+        key = (name, torch.device(device))
+        if key not in self._on_device:
+            self._on_device[key] = arr.to(device)
+        return self._on_device[key]
+
+    def gather(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """Schedule array ``name`` at timesteps ``t`` (float, broadcastable over ``ndim`` dims)."""
+        return _gather(self.on(name, t.device), t, ndim)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_on_device"] = {}                  # device copies stay with the process that made them
+        return state
 
     @classmethod
     def from_config(cls, schedule: str, steps: int, learn_sigma: bool) -> "GaussianDiffusion":
@@ -99,14 +123,14 @@ class GaussianDiffusion:
 
     # -- forward process -------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return _gather(self.sqrt_ab, t, x0.ndim) * x0 + _gather(self.sqrt_one_minus_ab, t, x0.ndim) * eps
+        return self.gather("sqrt_ab", t, x0.ndim) * x0 + self.gather("sqrt_one_minus_ab", t, x0.ndim) * eps
 
     def q_posterior(self, x0, xt, t):
-        mean = _gather(self.post_coef1, t, xt.ndim) * x0 + _gather(self.post_coef2, t, xt.ndim) * xt
-        return mean, _gather(self.post_logvar_clipped, t, xt.ndim)
+        mean = self.gather("post_coef1", t, xt.ndim) * x0 + self.gather("post_coef2", t, xt.ndim) * xt
+        return mean, self.gather("post_logvar_clipped", t, xt.ndim)
 
     def pred_x0(self, xt, t, eps):
-        return _gather(self.sqrt_recip_ab, t, xt.ndim) * xt - _gather(self.sqrt_recipm1_ab, t, xt.ndim) * eps
+        return self.gather("sqrt_recip_ab", t, xt.ndim) * xt - self.gather("sqrt_recipm1_ab", t, xt.ndim) * eps
 
     def split_output(self, out: torch.Tensor, channels: int):
         """Model output -> (eps, v or None)."""
@@ -115,10 +139,10 @@ class GaussianDiffusion:
         return out, None
 
     def model_logvar(self, v: torch.Tensor | None, t: torch.Tensor, ndim: int) -> torch.Tensor:
-        min_log = _gather(self.post_logvar_clipped, t, ndim)
+        min_log = self.gather("post_logvar_clipped", t, ndim)
         if v is None:
             return min_log
-        max_log = _gather(self.log_betas, t, ndim)
+        max_log = self.gather("log_betas", t, ndim)
         frac = (v + 1.0) / 2.0
         return frac * max_log + (1.0 - frac) * min_log
 

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from trainers.diffusion.gaussian import GaussianDiffusion, _gather
+from trainers.diffusion.gaussian import GaussianDiffusion
 
 __all__ = ["sample", "guided_eps_fn"]
 
@@ -58,9 +58,9 @@ def sample(model: torch.nn.Module, diffusion: GaussianDiffusion, shape: tuple[in
             logvar = spaced.model_logvar(v.float() if v is not None else None, t, x.ndim)
             x = mean + (0.0 if i == 0 else 1.0) * torch.exp(0.5 * logvar) * noise
         else:
-            eps = (_gather(spaced.sqrt_recip_ab, t, x.ndim) * x - x0) / _gather(spaced.sqrt_recipm1_ab, t, x.ndim)
-            ab = _gather(spaced.alphas_cumprod, t, x.ndim)
-            ab_prev = _gather(spaced.alphas_cumprod_prev, t, x.ndim)
+            eps = (spaced.gather("sqrt_recip_ab", t, x.ndim) * x - x0) / spaced.gather("sqrt_recipm1_ab", t, x.ndim)
+            ab = spaced.gather("alphas_cumprod", t, x.ndim)
+            ab_prev = spaced.gather("alphas_cumprod_prev", t, x.ndim)
             sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
             mean = x0 * torch.sqrt(ab_prev) + torch.sqrt((1 - ab_prev - sigma ** 2).clamp(min=0)) * eps
             x = mean + (0.0 if i == 0 else 1.0) * sigma * noise

@@ -72,6 +72,9 @@ def _no_extra(extra, name: str) -> None:
 
 class SumCombiner:
     name = "sum"
+    # The per-interval combiners read every layer's input and output gradient through module hooks
+    # (grouped_grads.py); a torch.compile'd graph fuses those tensors away, so they run eagerly.
+    compilable = True
 
     def manual_sync(self, step: int) -> bool:
         return False
@@ -105,6 +108,7 @@ class SumCombiner:
 
 class PCGradCombiner(SumCombiner):
     name = "pcgrad"
+    compilable = False
 
     def __init__(self, seed: int, reduction: str = "mean"):
         self.seed, self.reduction = seed, reduction
@@ -128,6 +132,7 @@ class PCGradCombiner(SumCombiner):
 
 class NashCombiner(SumCombiner):
     name = "nash"
+    compilable = False
 
     def __init__(self, num_intervals: int, every: int, max_norm: float):
         self.every, self.max_norm = every, max_norm

@@ -98,11 +98,12 @@ class Pacer(Stateful, Protocol):
 class LossWeighter(Stateful, Protocol):
     def reduce(self, task_loss: torch.Tensor, task_count: torch.Tensor, active: torch.Tensor) -> torch.Tensor: ...
     def param_groups(self) -> list[ParamGroup]: ...            # parameters outside the model
-    def after_backward(self, active: torch.Tensor) -> None: ...
+    def after_backward(self, active: torch.Tensor) -> None: ...   # active: [K] bool on the HOST (no device wait)
 
 
 class GradientCombiner(Stateful, Protocol):
     name: str
+    compilable: bool                                           # False: train.compile leaves the model eager
     def manual_sync(self, step: int) -> bool: ...              # True: the combiner syncs gradients itself
     def capture(self, model: nn.Module, params: list[nn.Parameter], step: int) -> Any: ...   # context manager
     def combine(self, step: int, task_loss: torch.Tensor, task_count: torch.Tensor, active: torch.Tensor,
