@@ -1,19 +1,34 @@
 #!/usr/bin/env bash
-# The device check: GPU tests of trainers/ and the throughput benchmarks, in one call.
+# The device check: GPU tests of trainers/ and the throughput benchmarks, in one call, most
+# important first; each part gets at most its own limit and what is left of BUDGET seconds.
 # On the GPU machine (PyTorch only; no Ray/MLflow): bash benchmarks/gpu_check.sh  (writes to $OUT)
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
-nvidia-smi -L | tee "$OUT/nvidia.txt"
-python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/nvidia.txt"
-timeout 240 python3 -m pytest tests/gpu -q -p no:cacheprovider -o addopts="" 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
-timeout 240 python3 benchmarks/throughput.py --device cuda --models DiT-S/2,DiT-B/2 --batch 240 --precision bf16 \
-  --steps 20 --warmup 5 2>&1 | tail -20 | tee "$OUT/throughput.log"
-timeout 200 python3 benchmarks/throughput.py --device cuda --models DiT-B/2 --methods vanilla,ant-pcgrad --batch 240 \
-  --precision bf16 --steps 20 --warmup 5 --adamw foreach 2>&1 | tail -8 | tee "$OUT/throughput_foreach.log"
-timeout 300 python3 benchmarks/throughput.py --device cuda --models DiT-B/2 --methods vanilla,dtr --batch 240 \
-  --precision bf16 --steps 20 --warmup 10 --compile 2>&1 | tail -8 | tee "$OUT/throughput_compile.log"
-timeout 150 python3 benchmarks/method_overhead.py --device cuda --model DiT-S/2 --image-size 32 --batch 60 \
-  --precision bf16 --rounds 5 --steps 20 --threads 8 2>&1 | tail -12 | tee "$OUT/method_overhead_cuda.log"
-timeout 150 python3 benchmarks/dmp.py --device cuda --model DiT-B/2 --batch 64 --precision bf16 --rounds 3 \
-  --steps 10 --threads 8 2>&1 | tail -8 | tee "$OUT/dmp_cuda.log"
+BUDGET=${BUDGET:-540}
+end=$((SECONDS + BUDGET))
+
+part() {   # part LIMIT LOG COMMAND...: run COMMAND under min(LIMIT, time left), output to $OUT/LOG
+  local limit=$1 log=$2; shift 2
+  local left=$((end - SECONDS))
+  (( left < limit )) && limit=$left
+  if (( limit < 20 )); then echo "skipped (budget spent): $*" | tee "$OUT/$log"; return; fi
+  echo "== $* (limit ${limit}s)" | tee "$OUT/$log"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >>"$OUT/$log" 2>&1
+  echo "== exit $?, $((SECONDS - t0)) s" >>"$OUT/$log"
+  tail -30 "$OUT/$log"
+}
+
+{ nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"; } 2>&1 | tee "$OUT/nvidia.txt"
+part 150 gpu_tests.log python3 -m pytest tests/gpu -q -p no:cacheprovider -o addopts=""
+part 160 throughput.log python3 benchmarks/throughput.py --device cuda --models DiT-S/2,DiT-B/2 --batch 240 \
+  --precision bf16 --steps 12 --warmup 3
+part 240 fast_step.log python3 benchmarks/fast_step.py --device cuda --model DiT-B/2 --batch 240 --precision bf16 \
+  --rounds 3 --steps 8
+part 90 throughput_xl.log python3 benchmarks/throughput.py --device cuda --models DiT-XL/2 \
+  --methods vanilla,ant-pcgrad,dtr --batch 240 --precision bf16 --steps 8 --warmup 2
+part 120 throughput_compile.log python3 benchmarks/throughput.py --device cuda --models DiT-B/2 \
+  --methods vanilla,dtr,dmp --batch 240 --precision bf16 --steps 10 --warmup 3 --compile
+part 60 dmp_cuda.log python3 benchmarks/dmp.py --device cuda --model DiT-B/2 --batch 64 --precision bf16 \
+  --rounds 3 --steps 10 --threads 8

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from benchmarks.common import emit, median, print_table  # noqa: E402
 from trainers.config import load_config  # noqa: E402
 from trainers.data import ArrayDataset, StepBatches  # noqa: E402
-from trainers.loop import build_state  # noqa: E402
+from trainers.loop import build_state, make_state  # noqa: E402
 from trainers.runtime import LocalRuntime  # noqa: E402
 from trainers.step import train_step  # noqa: E402
 
@@ -32,7 +32,8 @@ PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}    # dense bf16, SXM
 
 METHODS = {"vanilla": {}, "dtr": {"dtr": {}}, "ant-uw": {"ant": {"mtl": "uw"}},
            "dtr+ant-uw": {"dtr": {}, "ant": {"mtl": "uw"}}, "ant-pcgrad": {"ant": {"mtl": "pcgrad"}},
-           "ant-pcgrad-kxp": {"ant": {"mtl": "pcgrad"}}, "ant-nash": {"ant": {"mtl": "nash"}}}
+           "ant-pcgrad-kxp": {"ant": {"mtl": "pcgrad"}}, "ant-nash": {"ant": {"mtl": "nash"}},
+           "dmp": {"dmp": {}}}
 
 
 def measure(model: str, method: str, args) -> dict:
@@ -42,7 +43,11 @@ def measure(model: str, method: str, args) -> dict:
                        "train": {"batch_size": args.batch, "precision": args.precision, "compile": args.compile,
                                  "adamw": args.adamw}})
     batches = StepBatches(data, args.batch)
-    state = build_state(cfg, LocalRuntime(args.device), batches)
+    init = ref = None
+    if "dmp" in METHODS[method]:                      # DMP patches a converged model: random base weights here
+        base_cfg = load_config({"model": {"name": model}, "train": {"batch_size": args.batch}})
+        init, ref = make_state(build_state(base_cfg, LocalRuntime("cpu"), batches)), {"uri": "memory://base"}
+    state = build_state(cfg, LocalRuntime(args.device), batches, init=init, base_ref=ref)
     if method.endswith("-kxp"):                       # the [K, P]-matrix path, for a before/after in one run
         from benchmarks.method_overhead import dense_kxp
         dense_kxp(state.plan.combiner)
@@ -84,7 +89,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", default="DiT-S/2,DiT-B/2")
-    p.add_argument("--methods", default="vanilla,dtr,ant-uw,dtr+ant-uw,ant-pcgrad,ant-pcgrad-kxp,ant-nash")
+    p.add_argument("--methods", default="vanilla,dtr,ant-uw,dtr+ant-uw,ant-pcgrad,ant-pcgrad-kxp,ant-nash,dmp")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--channels", type=int, default=4)
