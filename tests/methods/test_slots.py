@@ -297,3 +297,17 @@ def test_plugin_state_round_trips(key) -> None:
         assert json.dumps(obj.metrics(), sort_keys=True) == json.dumps(state.plan.stateful()[name].metrics(),
                                                                        sort_keys=True)
     assert torch.equal(fresh.sampler.active_intervals(), state.plan.sampler.active_intervals())
+
+
+def test_token_backbone_is_recognised_by_its_attributes() -> None:
+    """DTR and DMP need a token backbone. Python 3.12's ``isinstance`` against a protocol looks
+    attributes up statically and misses an nn.Module's submodules (every DiT was refused on the
+    3.12 GPU machine); the check goes by plain attribute lookup."""
+    import inspect
+
+    from trainers.models.contract import is_token_backbone
+    dit, *_ = _build(tiny_config({}))
+    unet, *_ = _build(tiny_config({}, model={"name": "UNet-N"}))
+    with pytest.raises(AttributeError):
+        inspect.getattr_static(dit, "blocks")               # what the static lookup sees
+    assert is_token_backbone(dit) and not is_token_backbone(unet)

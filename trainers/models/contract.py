@@ -17,14 +17,14 @@ Adapters nest in registration order: the first registered runs innermost, next t
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Protocol, runtime_checkable
+from typing import Callable, NamedTuple, Protocol
 
 import torch
 import torch.nn as nn
 
 from trainers.errors import ConfigError
 
-__all__ = ["Conditioning", "BlockAdapter", "TokenBackbone", "require_token_backbone"]
+__all__ = ["Conditioning", "BlockAdapter", "TokenBackbone", "is_token_backbone", "require_token_backbone"]
 
 
 class Conditioning(NamedTuple):
@@ -51,7 +51,6 @@ class BlockAdapter(nn.Module):
         return x
 
 
-@runtime_checkable
 class TokenBackbone(Protocol):
     blocks: nn.ModuleList
     adapters: nn.ModuleDict
@@ -64,9 +63,18 @@ class TokenBackbone(Protocol):
     def add_adapter(self, name: str, adapter: BlockAdapter) -> None: ...
 
 
+def is_token_backbone(model: nn.Module) -> bool:
+    """Does ``model`` have what :class:`TokenBackbone` names? Checked by plain attribute lookup:
+    from Python 3.12 ``isinstance`` against a runtime-checkable protocol looks attributes up
+    statically, which misses an ``nn.Module``'s submodules (they live in ``_modules``), so every
+    DiT was refused there."""
+    return all(hasattr(model, name) for name in ("blocks", "adapters", "width", "num_tokens", "embed",
+                                                 "add_adapter"))
+
+
 def require_token_backbone(model: nn.Module, what: str) -> None:
     """Refuse a transform on a model that does not have transformer blocks."""
-    if not isinstance(model, TokenBackbone):
+    if not is_token_backbone(model):
         family = getattr(getattr(model, "spec", None), "__class__", type(model)).__name__
         raise ConfigError(f"{what}: needs a model with transformer blocks (the DiT family); "
                           f"this model ({family}) has none - use model.name=DiT-<size>/<patch>")
