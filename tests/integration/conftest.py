@@ -17,6 +17,12 @@ from tests.helpers import free_port, wait_for
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")   # report barrier 2 s -> 0.2 s (tests only)
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# the shared instance and every CLI the tests start run as a user's embedded instance does: no
+# preemption watcher, usage report or metrics collection, process stats once a minute
+from orchestrator.infra.session import EMBEDDED_DEFAULTS  # noqa: E402
+
+for _var, _value in EMBEDDED_DEFAULTS.items():
+    os.environ.setdefault(_var, _value)
 AWS = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-value-xyz",
        "AWS_DEFAULT_REGION": "us-east-1"}
 

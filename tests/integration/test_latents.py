@@ -189,10 +189,12 @@ def test_latent_runs_do_not_clamp():
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_tiny_latent_example_end_to_end(encoder, tmp_path):
+def test_tiny_latent_example_end_to_end(encoder, local_ray, _ray_session, tmp_path):
     """The shipped example, shortened: encode on Ray tasks, train on Ray Train, decoded grid,
-    decoded samples scored with the shapes feature net, `denoiselab sample` decodes too."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    decoded samples scored with the shapes feature net, `denoiselab sample` decodes too. The CLI
+    joins the shared Ray instance (RAY_ADDRESS) instead of starting its own twice."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+           "RAY_ADDRESS": _ray_session["address"], "RAY_API_SERVER_ADDRESS": _ray_session["api"]}
     run = lambda *a: run_cli(CLI, *a, timeout=280, cwd=tmp_path, env=env)  # noqa: E731
     out = run("data", "prepare", "shapes", "--num-samples", "512", "--encoder", encoder, "--scale-factor",
               "auto", "--flip", "--shard-size", "128", "--out", "runs/data/shapes-latents")

@@ -47,7 +47,7 @@ PACING = {
 }
 PACING_STEPS = 30
 # torch.compile under DDP (the model compiled, then wrapped): the same step as eager in one process.
-COMPILED = {"vanilla": {}, "dtr+uw": {"dtr": {}, "ant": {"mtl": "uw", "sampling": "iid"}}}
+COMPILED = {"dtr+uw": {"dtr": {}, "ant": {"mtl": "uw", "sampling": "iid"}}}
 # Nash alternates explicit gradient reduction (refresh steps, DDP's no_sync) with DDP's own sync.
 NASH_EVERY_2 = {"ant": {"mtl": "nash", "sampling": "iid", "nash_every": 2}}
 
