@@ -29,6 +29,7 @@ METHODS = {
     "vanilla": {},
     "ant-uw": {"ant": {"mtl": "uw"}},
     "ant-pcgrad": {"ant": {"mtl": "pcgrad"}},
+    "ant-pcgrad-recompute": {"ant": {"mtl": "pcgrad", "interval_grads": "recompute"}},   # Gram only, update recomputed
     "ant-pcgrad-kxp": {"ant": {"mtl": "pcgrad"}},        # the [K, P]-matrix path it replaced (dense_kxp)
     "ant-nash": {"ant": {"mtl": "nash", "nash_every": 25}},
     "dtr": {"dtr": {}},

@@ -32,6 +32,7 @@ PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}    # dense bf16, SXM
 
 METHODS = {"vanilla": {}, "dtr": {"dtr": {}}, "ant-uw": {"ant": {"mtl": "uw"}},
            "dtr+ant-uw": {"dtr": {}, "ant": {"mtl": "uw"}}, "ant-pcgrad": {"ant": {"mtl": "pcgrad"}},
+           "ant-pcgrad-recompute": {"ant": {"mtl": "pcgrad", "interval_grads": "recompute"}},
            "ant-pcgrad-kxp": {"ant": {"mtl": "pcgrad"}}, "ant-nash": {"ant": {"mtl": "nash"}},
            "dmp": {"dmp": {}}}
 
@@ -89,7 +90,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", default="DiT-S/2,DiT-B/2")
-    p.add_argument("--methods", default="vanilla,dtr,ant-uw,dtr+ant-uw,ant-pcgrad,ant-pcgrad-kxp,ant-nash,dmp")
+    p.add_argument("--methods", default="vanilla,dtr,ant-uw,dtr+ant-uw,ant-pcgrad,ant-pcgrad-recompute,ant-nash,dmp")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--channels", type=int, default=4)

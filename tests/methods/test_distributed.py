@@ -37,6 +37,7 @@ ONE_STEP = {
     "vanilla": {},
     "uw": {"ant": {"mtl": "uw", "sampling": "iid"}},
     "pcgrad": {"ant": {"mtl": "pcgrad", "sampling": "iid"}},
+    "pcgrad-recompute": {"ant": {"mtl": "pcgrad", "sampling": "iid", "interval_grads": "recompute"}},
     "nash": {"ant": {"mtl": "nash", "sampling": "iid", "nash_every": 1}},
 }
 ADAPTIVE = {"clusters": 4, "pacing": "adaptive", "patience": 2, "ema": 0.0}

@@ -60,10 +60,12 @@ def test_layer_used_twice_falls_back():
         assert not capture.usable()
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["keep", "recompute"])
 @pytest.mark.parametrize("methods", [{"ant": {"mtl": "pcgrad"}}, {"dtr": {}, "ant": {"mtl": "nash", "sampling": "iid"}}])
-def test_layerwise_gram_and_weighted_sum_equal_the_dense_matrix(methods):
+def test_layerwise_gram_and_weighted_sum_equal_the_dense_matrix(methods, keep):
     """PCGrad/Nash see the interval gradients only as G = g gᵀ and Σ_k w_k g_k: built layer by
-    layer (one batched GEMM per layer, no [K, P] matrix), they equal the K separate gradients'."""
+    layer (one batched GEMM per layer), with the update from the kept per-layer gradients or
+    recomputed in one weighted pass, they equal the K separate gradients'."""
     from trainers.methods.mtl.pcgrad import pcgrad, pcgrad_weights
     state, batches = _setup(methods)
     params = state.trainable()
@@ -71,7 +73,8 @@ def test_layerwise_gram_and_weighted_sum_equal_the_dense_matrix(methods):
     with capture:
         task_loss, task, active = _interval_losses(state, batches)
         reference = interval_gradients(task_loss, active, params, LocalRuntime())          # [K, P]
-        layerwise = capture.task_gradients(task_loss.sum(), task, active, LocalRuntime())
+        layerwise = capture.task_gradients(task_loss.sum(), task, active, LocalRuntime(), keep=keep)
+    assert bool(layerwise.kept) is keep
     dense = reference.double() @ reference.double().T
     torch.testing.assert_close(layerwise.gram, dense, rtol=1e-4, atol=1e-7 * float(dense.abs().max()))
     weights = torch.tensor([0.7, -0.2, 0.4, 1.3], dtype=torch.float64) * active

@@ -27,6 +27,9 @@ class AntConfig:
     nash_every: int = 25               # refresh α every N steps
     nash_max_norm: float = 1.0         # global grad-norm clip on the Nash path
     pcgrad_reduction: Literal["mean", "sum"] = "mean"   # of the projected interval gradients
+    # PCGrad/Nash: hold every layer's K interval gradients for the update ([K, P] floats) or
+    # recompute the update as one more weight-gradient pass (memory of one layer's K gradients)
+    interval_grads: Literal["keep", "recompute"] = "keep"
 
     def __post_init__(self) -> None:
         if self.uw_lr <= 0:
@@ -55,9 +58,9 @@ def _build(cfg: AntConfig, ctx: BuildContext) -> Contribution:
     if cfg.mtl == "uw":
         out.weighter = UncertaintyWeighter(k, cfg.uw_lr, ctx.device)
     elif cfg.mtl == "pcgrad":
-        out.combiner = PCGradCombiner(ctx.seed, cfg.pcgrad_reduction)
+        out.combiner = PCGradCombiner(ctx.seed, cfg.pcgrad_reduction, cfg.interval_grads)
     else:
-        out.combiner = NashCombiner(k, cfg.nash_every, cfg.nash_max_norm)
+        out.combiner = NashCombiner(k, cfg.nash_every, cfg.nash_max_norm, cfg.interval_grads)
     return out
 
 

@@ -56,11 +56,12 @@ def interval_gradients(task_loss: torch.Tensor, active: torch.Tensor, params: li
 
 def task_gradients(task_loss: torch.Tensor, active: torch.Tensor, params: list[nn.Parameter], runtime: Any,
                    capture: Optional[GroupedGradientCapture] = None,
-                   task: Optional[torch.Tensor] = None) -> TaskGradients:
+                   task: Optional[torch.Tensor] = None, keep: bool = False) -> TaskGradients:
     """The interval gradients as a Gram matrix plus a weighted-sum writer: layer by layer from the
-    captured layer I/O (no [K, P] matrix), else from the batched backward's [K, P] matrix."""
+    captured layer I/O (``keep``: each layer's K gradients held for the update), else from the
+    batched backward's [K, P] matrix."""
     if capture is not None and task is not None and capture.usable():
-        return capture.task_gradients(task_loss.sum(), task, active, runtime)
+        return capture.task_gradients(task_loss.sum(), task, active, runtime, keep=keep)
     return DenseTaskGradients(interval_gradients(task_loss, active, params, runtime), params)
 
 
@@ -75,6 +76,7 @@ class SumCombiner:
     # The per-interval combiners read every layer's input and output gradient through module hooks
     # (grouped_grads.py); a torch.compile'd graph fuses those tensors away, so they run eagerly.
     compilable = True
+    interval_grads = "recompute"          # per-interval combiners: "keep" | "recompute" (methods.ant)
 
     def manual_sync(self, step: int) -> bool:
         return False
@@ -88,7 +90,8 @@ class SumCombiner:
 
     def _task_gradients(self, task_loss, active, params, runtime, task) -> TaskGradients:
         capture, self._capture = getattr(self, "_capture", None), None
-        return task_gradients(task_loss, active, params, runtime, capture, task)
+        return task_gradients(task_loss, active, params, runtime, capture, task,
+                              keep=self.interval_grads == "keep")
 
     def combine(self, step, task_loss, task_count, active, weighter, params, runtime, task=None,
                 extra=None) -> dict[str, float]:
@@ -110,8 +113,8 @@ class PCGradCombiner(SumCombiner):
     name = "pcgrad"
     compilable = False
 
-    def __init__(self, seed: int, reduction: str = "mean"):
-        self.seed, self.reduction = seed, reduction
+    def __init__(self, seed: int, reduction: str = "mean", interval_grads: str = "recompute"):
+        self.seed, self.reduction, self.interval_grads = seed, reduction, interval_grads
 
     def manual_sync(self, step: int) -> bool:
         return True
@@ -134,8 +137,8 @@ class NashCombiner(SumCombiner):
     name = "nash"
     compilable = False
 
-    def __init__(self, num_intervals: int, every: int, max_norm: float):
-        self.every, self.max_norm = every, max_norm
+    def __init__(self, num_intervals: int, every: int, max_norm: float, interval_grads: str = "recompute"):
+        self.every, self.max_norm, self.interval_grads = every, max_norm, interval_grads
         self.alpha = np.ones(num_intervals)
         self.failures = 0
 
