@@ -36,7 +36,7 @@ def _kill_session(sid: int) -> None:
 
 def test_driver_killed_then_rerun_resumes_exactly(tmp_path):
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-    base = ray_run_dict(train={"steps": 120, "checkpoint_every": 20, "log_every": 10},
+    base = ray_run_dict(train={"steps": 80, "checkpoint_every": 20, "log_every": 10},
                        tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db"})
     for name in ("crashy", "steady"):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**base, "name": name}))
@@ -48,7 +48,7 @@ def test_driver_killed_then_rerun_resumes_exactly(tmp_path):
     finally:
         _kill_session(proc.pid)                        # driver and the local Ray it started
         proc.wait(30)
-    assert not (run / "step_00000120").exists()
+    assert not (run / "step_00000080").exists()
     procs = {"steady": _cli(tmp_path, tmp_path / "steady.yaml", env)}          # side by side with the resume,
     try:                                                                         # once its Ray is up
         wait_for(lambda: "starting run steady" in (tmp_path / "steady.log").read_text(), 120, 0.2, "steady to start")
@@ -58,8 +58,8 @@ def test_driver_killed_then_rerun_resumes_exactly(tmp_path):
     finally:
         for p in procs.values():
             _kill_session(p.pid)
-    resumed = load_state(run / "step_00000120")
-    steady = load_state(tmp_path / "runs" / "steady" / "step_00000120")
+    resumed = load_state(run / "step_00000080")
+    steady = load_state(tmp_path / "runs" / "steady" / "step_00000080")
     assert "resuming run crashy" in (tmp_path / "crashy.log").read_text()
     for key in steady["model"]:
         assert torch.equal(resumed["model"][key], steady["model"][key]), key
@@ -70,4 +70,4 @@ def test_driver_killed_then_rerun_resumes_exactly(tmp_path):
                               filter_string="tags.`denoiselab.run_name` = 'crashy'")
     assert len(runs) == 1
     steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss"))
-    assert steps == list(range(10, 121, 10))
+    assert steps == list(range(10, 81, 10))
