@@ -89,10 +89,10 @@ class GaussianDiffusion:
     def on(self, name: str, device: torch.device) -> torch.Tensor:
         """Schedule array ``name`` on ``device``, copied once and kept (the step reads several
         arrays every step; copying them each time would synchronise with the device)."""
-        arr = getattr(self, name)
+        arr, device = getattr(self, name), torch.device(device)
         if arr.device == device:
             return arr
-        key = (name, torch.device(device))
+        key = (name, device)
         if key not in self._on_device:
             self._on_device[key] = arr.to(device)
         return self._on_device[key]
