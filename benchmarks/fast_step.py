@@ -8,8 +8,9 @@ every ``--log-every`` steps), with ONE setting changed from the defaults per con
     adamw-loop      AdamW one parameter at a time
     ema-loop        the EMA as one lerp per parameter instead of one foreach lerp
     sync-loss       the loss read to the host every step (the NaN guard as it was)
-    sync-copies     the step's randomness copied with blocking copies (as before 2026-12-04;
-                    each waits for the device)
+    sync-copies     the step's randomness copied with blocking copies, each waiting for the
+                    device (one of the waits the step had before 2026-12-04; the others, CUDA
+                    bincount and per-call schedule copies, are not restored here)
     no-prefetch     the batch copied from pageable memory in the step
     sdpa-math       attention through SDPA's math kernel instead of flash
     compile         torch.compile of the model (train.compile)

@@ -10,8 +10,9 @@
     .grad      = combiner(weighter(S/C) + aux)       weighter (mean / UW), combiner (sum / PCGrad / Nash)
     optimizer.step(); ema.update(); pacer.observe(global loss) -> sampler.restrict(pacer.allowed())
 
-The step never waits for the device unless a pacer watches the loss (the adaptive curriculum) or a
-per-interval combiner reads its Gram matrix (PCGrad, Nash refreshes): the randomness is drawn on
+The step never waits for the device unless a pacer watches the loss (the adaptive curriculum), a
+per-interval combiner reads the device (PCGrad's Gram matrix every step; Nash-MTL its mask and clip
+norm every step), or fp16's GradScaler checks for infinities: the randomness is drawn on
 the host and copied asynchronously from pinned memory, the interval counts come from the host's
 copy of the global timesteps, and the metrics come back as a :class:`StepOutput` of device
 tensors, read (one synchronisation) only when the loop logs or checkpoints; finiteness is checked

@@ -133,8 +133,8 @@ def test_attention_takes_the_flash_kernel_at_bf16():
 @pytest.mark.parametrize("label", ["vanilla", "dtr+ant-uw"])
 def test_the_step_never_waits_for_the_device(label):
     """With the sum combiner the step queues its work without one host synchronisation: CUDA's
-    sync debug mode reports every synchronising call (PCGrad, Nash refreshes and the adaptive
-    curriculum read the device by design)."""
+    sync debug mode reports every synchronising call (PCGrad, Nash-MTL, fp16's GradScaler and the
+    adaptive curriculum read the device by design)."""
     import warnings
 
     from trainers.loop import DivergenceWatch

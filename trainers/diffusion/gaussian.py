@@ -106,6 +106,9 @@ class GaussianDiffusion:
         state["_on_device"] = {}                  # device copies stay with the process that made them
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({"_on_device": {}, **state})
+
     @classmethod
     def from_config(cls, schedule: str, steps: int, learn_sigma: bool) -> "GaussianDiffusion":
         return cls(betas_for(schedule, steps), learn_sigma)

@@ -198,10 +198,10 @@ class LayerwiseTaskGradients:
             if runtime.world_size > 1:
                 flat = runtime.all_reduce(flat, op="mean")
             self.gram += (flat @ flat.T).double()
-            if keep:
+            if keep:                      # the update needs only `kept`: free the layer's I/O as we go
                 self.kept[module] = (list(blocks), flat)
-        if keep:
-            self.inputs, self.grads = {}, {}                                     # the update needs only `kept`
+                for held in (self.inputs, self.grads, capture.inputs, capture.grads, capture.outputs):
+                    held.pop(module, None)
 
     def _grouped(self, module: nn.Module, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-interval gradients of ``module``'s parameters, [K, *shape] each, one batched GEMM."""
@@ -250,8 +250,9 @@ class LayerwiseTaskGradients:
 
     def _write_kept(self, weights: torch.Tensor) -> None:
         grads: dict[int, torch.Tensor] = {}
+        w = weights.to(self.task.device, torch.float32)                                 # one copy, not one per layer
         for module, (names, flat) in self.kept.items():
-            combined = weights.to(flat.device, flat.dtype) @ flat                       # [P_layer]
+            combined = w @ flat                                                         # [P_layer]
             offset = 0
             for name in names:
                 p = getattr(module, name)
