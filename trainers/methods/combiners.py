@@ -76,7 +76,6 @@ class SumCombiner:
     # The per-interval combiners read every layer's input and output gradient through module hooks
     # (grouped_grads.py); a torch.compile'd graph fuses those tensors away, so they run eagerly.
     compilable = True
-    interval_grads = "recompute"          # per-interval combiners: "keep" | "recompute" (methods.ant)
 
     def manual_sync(self, step: int) -> bool:
         return False
@@ -91,7 +90,7 @@ class SumCombiner:
     def _task_gradients(self, task_loss, active, params, runtime, task) -> TaskGradients:
         capture, self._capture = getattr(self, "_capture", None), None
         return task_gradients(task_loss, active, params, runtime, capture, task,
-                              keep=self.interval_grads == "keep")
+                              keep=self.interval_grads == "keep")     # set by the per-interval combiners
 
     def combine(self, step, task_loss, task_count, active, weighter, params, runtime, task=None,
                 extra=None) -> dict[str, float]:
@@ -113,7 +112,7 @@ class PCGradCombiner(SumCombiner):
     name = "pcgrad"
     compilable = False
 
-    def __init__(self, seed: int, reduction: str = "mean", interval_grads: str = "recompute"):
+    def __init__(self, seed: int, reduction: str, interval_grads: str):
         self.seed, self.reduction, self.interval_grads = seed, reduction, interval_grads
 
     def manual_sync(self, step: int) -> bool:
@@ -137,7 +136,7 @@ class NashCombiner(SumCombiner):
     name = "nash"
     compilable = False
 
-    def __init__(self, num_intervals: int, every: int, max_norm: float, interval_grads: str = "recompute"):
+    def __init__(self, num_intervals: int, every: int, max_norm: float, interval_grads: str):
         self.every, self.max_norm, self.interval_grads = every, max_norm, interval_grads
         self.alpha = np.ones(num_intervals)
         self.failures = 0
