@@ -96,3 +96,26 @@ def test_compile_leaves_the_per_interval_combiners_eager() -> None:
         with pytest.warns(UserWarning, match=f"train.compile: ANT-{mtl}"):
             state = build_state(cfg, LocalRuntime(), batches_for(cfg))
         assert state.model is state.raw_model
+
+
+@pytest.mark.parametrize("task, mode", [
+    ([0, 0, 1, 1, 2, 2], "view"),              # ANT's stratified layout: a free view
+    ([2, 0, 1, 0, 2, 1], "gather"),            # equal groups, shuffled
+    ([0, 1, 1, 1, 2, 0], "padded"),            # unequal groups (i.i.d. sampling)
+    ([0, 0, 2, 2, 2, 2], "padded"),            # an interval with no sample
+], ids=["view", "gather", "padded", "empty-interval"])
+def test_interval_groups_hold_each_intervals_rows(task, mode):
+    """Each grouping puts exactly interval k's samples in row k (zero rows as padding), so the
+    per-layer batched GEMM gives Σ_{n∈k} δ_nᵀ a_n whichever layout the batch has."""
+    from trainers.methods.grouped_grads import IntervalGroups
+    task = torch.tensor(task)
+    groups = IntervalGroups(task, 3)
+    assert groups.mode == mode
+    a, d = torch.randn(6, 5, 4), torch.randn(6, 5, 3)                        # [N, L, C], [N, L, D]
+    ga, gd = groups.gather(a), groups.gather(d)
+    assert ga.shape[:2] == (3, groups.m)
+    got = torch.bmm(gd.reshape(3, -1, 3).transpose(1, 2), ga.reshape(3, -1, 4))   # [K, D, C]
+    for k in range(3):
+        rows = task == k
+        want = torch.einsum("nld,nlc->dc", d[rows], a[rows])
+        torch.testing.assert_close(got[k], want)

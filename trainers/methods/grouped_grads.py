@@ -13,10 +13,13 @@ layers, or a layer used twice in a forward pass, fall back to a batched backward
 PCGrad and Nash-MTL need the interval gradients only through their Gram matrix ``G = g gᵀ`` [K, K]
 and a weighted sum ``Σ_k w_k g_k`` (``mtl/pcgrad.py``, ``mtl/nash.py``). :meth:`task_gradients`
 therefore never builds the [K, P] matrix: per layer it forms the K interval gradients with ONE
-batched GEMM over the samples grouped by interval (zero-padded to the largest group), averages
-them across ranks, adds their Gram block to ``G`` and drops them; ``write(w)`` then forms the
-weighted sum as one weighted weight-gradient pass (each sample's output gradient scaled by
-``w`` of its interval), averaged across ranks like DDP's gradients.
+batched GEMM over the samples grouped by interval (:class:`IntervalGroups`: a view of the batch
+under ANT's stratified sampling, else gathered and zero-padded to the largest group), averages
+them across ranks and adds their Gram block to ``G``. With ``methods.ant.interval_grads: keep``
+(the default) each layer's K gradients are held and ``write(w)`` is their weighted sum; with
+``recompute`` they are dropped and ``write(w)`` forms the weighted sum as one weighted
+weight-gradient pass (each sample's output gradient scaled by ``w`` of its interval), averaged
+across ranks like DDP's gradients.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["GroupedGradientCapture", "TaskGradients", "DenseTaskGradients", "LayerwiseTaskGradients",
-           "write_gradient"]
+           "IntervalGroups", "write_gradient"]
 
 
 def _supported(module: nn.Module) -> bool:
@@ -151,16 +154,47 @@ class GroupedGradientCapture:
         return out
 
 
-def _grouping(task: torch.Tensor, k: int) -> torch.Tensor:
-    """[K, m] sample indices grouped by interval, padded with N (an all-zero row appended)."""
+def padded_index(task: torch.Tensor, counts: torch.Tensor, m: int) -> torch.Tensor:
+    """[K, m] sample indices grouped by interval, padded with N (the zero row appended by the gather)."""
     n = len(task)
-    counts = torch.bincount(task, minlength=k)
     order = torch.argsort(task, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(n, device=task.device) - starts[task[order]]
-    index = torch.full((k, max(int(counts.max()), 1)), n, dtype=torch.long, device=task.device)
+    index = torch.full((len(counts), m), n, dtype=torch.long, device=task.device)
     index[task[order], slot] = order
     return index
+
+
+class IntervalGroups:
+    """How each interval's samples are gathered into ``[K, m, ...]`` for the per-layer batched GEMM.
+
+    ANT's stratified sampler lays the batch out interval by interval in equal groups, so the
+    grouping is a free view. Equal groups in another order take one gather; unequal groups (i.i.d.
+    sampling, a curriculum's narrowed set) are zero-padded to the largest group. Deciding needs the
+    group sizes on the host: one read per step, which PCGrad and Nash wait for anyway."""
+
+    def __init__(self, task: torch.Tensor, k: int):
+        n = len(task)
+        counts = torch.bincount(task, minlength=k)
+        ordered = (task[1:] >= task[:-1]).all() if n > 1 else torch.ones((), dtype=torch.bool, device=task.device)
+        host = torch.cat([counts, ordered.long().view(1)]).tolist()               # the one host read
+        sizes, self.k = host[:k], k
+        self.m = max(max(sizes), 1)
+        uniform = all(c == self.m for c in sizes)
+        self.mode = ("view" if host[k] else "gather") if uniform else "padded"
+        self.index = None
+        if self.mode == "gather":
+            self.index = torch.argsort(task, stable=True).view(k, self.m)
+        elif self.mode == "padded":
+            self.index = padded_index(task, counts, self.m)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, ...] -> [K, m, ...]; padding rows are zero."""
+        if self.mode == "view":
+            return x.reshape(self.k, self.m, *x.shape[1:])
+        if self.mode == "gather":
+            return x[self.index]
+        return torch.cat([x, x.new_zeros(1, *x.shape[1:])])[self.index]
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -187,14 +221,14 @@ class LayerwiseTaskGradients:
         k = len(active)
         self.gram = torch.zeros(k, k, dtype=torch.float64, device=task.device)
         self.kept: dict[nn.Module, tuple[list[str], torch.Tensor]] = {}          # module -> (names, [K, P_layer])
-        index = _grouping(task, k)
+        groups = IntervalGroups(task, k)
         mask = active.to(task.device)[:, None].float()
         owned = {id(p) for p in self.params}
         for module in self.modules:
-            blocks = {name: b for name, b in self._grouped(module, index).items() if id(getattr(module, name)) in owned}
+            blocks = {name: b for name, b in self._grouped(module, groups).items() if id(getattr(module, name)) in owned}
             if not blocks:
                 continue
-            flat = torch.cat([b.reshape(k, -1) for b in blocks.values()], dim=1) * mask      # [K, P_layer]
+            flat = torch.cat([b.reshape(k, -1) for b in blocks.values()], dim=1).mul_(mask)  # [K, P_layer]
             if runtime.world_size > 1:
                 flat = runtime.all_reduce(flat, op="mean")
             self.gram += (flat @ flat.T).double()
@@ -203,12 +237,12 @@ class LayerwiseTaskGradients:
                 for held in (self.inputs, self.grads, capture.inputs, capture.grads, capture.outputs):
                     held.pop(module, None)
 
-    def _grouped(self, module: nn.Module, index: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _grouped(self, module: nn.Module, groups: IntervalGroups) -> dict[str, torch.Tensor]:
         """Per-interval gradients of ``module``'s parameters, [K, *shape] each, one batched GEMM."""
         g = self.grads.get(module)
         if g is None:
             return {}
-        a, k = self.inputs[module], index.shape[0]
+        a, k = self.inputs[module], groups.k
         if isinstance(module, nn.Embedding):
             vocab = module.weight.shape[0]
             flat = (self.task.view(-1, *([1] * (a.dim() - 1))) * vocab + a).reshape(-1)
@@ -218,8 +252,7 @@ class LayerwiseTaskGradients:
             a = F.unfold(a, module.kernel_size, stride=module.stride).transpose(1, 2)    # [N, L, C·p·p]
             g = g.flatten(2).transpose(1, 2)                                            # [N, L, D]
         a, g = _rows(a).to(g.dtype), _rows(g)
-        pad_a = torch.cat([a, a.new_zeros(1, *a.shape[1:])])[index]                    # [K, m, L, C]
-        pad_g = torch.cat([g, g.new_zeros(1, *g.shape[1:])])[index]                    # [K, m, L, D]
+        pad_a, pad_g = groups.gather(a), groups.gather(g)                              # [K, m, L, C|D]
         pad_a, pad_g = pad_a.reshape(k, -1, a.shape[-1]), pad_g.reshape(k, -1, g.shape[-1])
         out = {"weight": torch.bmm(pad_g.transpose(1, 2), pad_a).float().reshape(k, *module.weight.shape)}
         if module.bias is not None:
