@@ -38,7 +38,7 @@ test: $(STAMP)
 ifeq ($(strip $(PYTEST_ARGS)),)
 	@$(PY) -m pytest -q -ra -p no:cacheprovider tests/unit tests/methods tests/gpu $(BESIDE) \
 	  > $(VENV)/unit-tests.log 2>&1 & \
-	  unit=$$!; $(PY) -m pytest -q -ra tests/integration $(addprefix --ignore=,$(BESIDE)); integration=$$?; \
+	  unit=$$!; $(PY) -m pytest -q -ra --durations=12 tests/integration $(addprefix --ignore=,$(BESIDE)); integration=$$?; \
 	  wait $$unit; units=$$?; \
 	  echo "== tests/unit, tests/methods, tests/gpu and $(BESIDE) (run beside the others)"; \
 	  cat $(VENV)/unit-tests.log; test $$integration -eq 0 -a $$units -eq 0

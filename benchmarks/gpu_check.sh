@@ -21,14 +21,18 @@ part() {   # part LIMIT LOG COMMAND...: run COMMAND under min(LIMIT, time left),
 }
 
 { nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"; } 2>&1 | tee "$OUT/nvidia.txt"
+# Order: what is still unmeasured first (RESULTS.md says what is); fast_step.py was measured on
+# 2026-12-04 and runs last, when budget is left.
 part 150 gpu_tests.log python3 -m pytest tests/gpu -q -p no:cacheprovider -o addopts=""
-part 160 throughput.log python3 benchmarks/throughput.py --device cuda --models DiT-S/2,DiT-B/2 --batch 240 \
-  --precision bf16 --steps 12 --warmup 3
-part 240 fast_step.log python3 benchmarks/fast_step.py --device cuda --model DiT-B/2 --batch 240 --precision bf16 \
-  --rounds 3 --steps 8
-part 90 throughput_xl.log python3 benchmarks/throughput.py --device cuda --models DiT-XL/2 \
-  --methods vanilla,ant-pcgrad,dtr --batch 240 --precision bf16 --steps 8 --warmup 2
+part 120 throughput.log python3 benchmarks/throughput.py --device cuda --models DiT-B/2 --batch 240 \
+  --precision bf16 --steps 10 --warmup 3
 part 120 throughput_compile.log python3 benchmarks/throughput.py --device cuda --models DiT-B/2 \
   --methods vanilla,dtr,dmp --batch 240 --precision bf16 --steps 10 --warmup 3 --compile
 part 60 dmp_cuda.log python3 benchmarks/dmp.py --device cuda --model DiT-B/2 --batch 64 --precision bf16 \
   --rounds 3 --steps 10 --threads 8
+part 90 throughput_xl.log python3 benchmarks/throughput.py --device cuda --models DiT-XL/2 \
+  --methods vanilla,ant-pcgrad,dtr --batch 240 --precision bf16 --steps 8 --warmup 2
+part 90 throughput_s.log python3 benchmarks/throughput.py --device cuda --models DiT-S/2 --batch 240 \
+  --precision bf16 --steps 10 --warmup 3
+part 240 fast_step.log python3 benchmarks/fast_step.py --device cuda --model DiT-B/2 --batch 240 --precision bf16 \
+  --rounds 3 --steps 8

@@ -5,7 +5,7 @@ is the median per-step time over all rounds after warm-up. Anchors (ANT paper Ta
 throughput): UW ≈ 1.00×, Nash ≈ 0.95×, PCGrad ≈ 0.72×. Targets in time: UW ≤ 1.02×,
 Nash ≤ 1.08×, PCGrad ≤ 1.3× (K = 5), DTR ≤ 1.05×, curriculum ≤ 1.01×.
 
-    .venv/bin/python benchmarks/method_overhead.py [--model DiT-T/2] [--rounds 5] [--steps 20] [--device cpu]
+    .venv/bin/python benchmarks/method_overhead.py [--model DiT-T/2] [--rounds 5] [--steps 20] [--device cpu] [--intervals 5]
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ METHODS = {
     "ant-pcgrad": {"ant": {"mtl": "pcgrad"}},
     "ant-pcgrad-recompute": {"ant": {"mtl": "pcgrad", "interval_grads": "recompute"}},   # Gram only, update recomputed
     "ant-pcgrad-kxp": {"ant": {"mtl": "pcgrad"}},        # the [K, P]-matrix path it replaced (dense_kxp)
+    "ant-pcgrad-padded": {"ant": {"mtl": "pcgrad"}},     # interval groups always copied (padded_groups)
     "ant-nash": {"ant": {"mtl": "nash", "nash_every": 25}},
     "dtr": {"dtr": {}},
     "curriculum": {"curriculum": {"clusters": 20, "pacing": "adaptive", "patience": 200}},
@@ -49,15 +50,40 @@ def dense_kxp(combiner) -> None:
     combiner._task_gradients = task_gradients
 
 
-def make_state(method: str, model: str, batch: int, image_size: int, device: str, precision: str):
+def padded_groups(combiner) -> None:
+    """PCGrad as before 2026-12-04: each layer's inputs and output gradients gathered into
+    zero-padded interval groups (a concatenation and a gather, two copies) even when the stratified
+    batch is already laid out interval by interval (now a free view)."""
+    from trainers.methods import grouped_grads as gg
+
+    class Padded(gg.IntervalGroups):
+        def __init__(self, task, k):
+            super().__init__(task, k)
+            self.mode, self.index = "padded", gg.padded_index(task, torch.bincount(task, minlength=k), self.m)
+
+    original = combiner._task_gradients
+
+    def task_gradients(*args, **kwargs):
+        current, gg.IntervalGroups = gg.IntervalGroups, Padded
+        try:
+            return original(*args, **kwargs)
+        finally:
+            gg.IntervalGroups = current
+    combiner._task_gradients = task_gradients
+
+
+def make_state(method: str, model: str, batch: int, image_size: int, device: str, precision: str,
+               intervals: int = 5):
     data = {"name": "shapes", "image_size": image_size, "num_samples": 512} if image_size > 8 else {"name": "digits"}
-    cfg = load_config({"model": {"name": model}, "data": data, "intervals": {"count": 5},
+    cfg = load_config({"model": {"name": model}, "data": data, "intervals": {"count": intervals},
                        "methods": METHODS[method], "train": {"batch_size": batch, "precision": precision}})
     dataset = (make_shapes(512, image_size, 4, 0) if image_size > 8 else builtin_dataset(cfg.data))
     batches = StepBatches(dataset, batch)
     state = build_state(cfg, LocalRuntime(device), batches)
     if method.endswith("-kxp"):
         dense_kxp(state.plan.combiner)
+    if method.endswith("-padded"):
+        padded_groups(state.plan.combiner)
     return state, batches
 
 
@@ -87,10 +113,12 @@ def main() -> None:
     p.add_argument("--precision", default="fp32")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--intervals", type=int, default=5, help="K, the number of timestep intervals")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     names = args.methods.split(",")
-    states = {m: make_state(m, args.model, args.batch, args.image_size, args.device, args.precision) for m in names}
+    states = {m: make_state(m, args.model, args.batch, args.image_size, args.device, args.precision,
+                             args.intervals) for m in names}
     for m in names:
         timed_steps(*states[m], 0, args.warmup, args.device)
     times: dict[str, list[float]] = {m: [] for m in names}
@@ -101,9 +129,10 @@ def main() -> None:
     rows = [{"method": m, "ms_per_step": 1000 * median(times[m]), "time_vs_vanilla": median(times[m]) / base,
              "images_per_s": args.batch / median(times[m])} for m in names]
     print(f"model {args.model}, batch {args.batch}, {args.image_size}x{args.image_size}, device {args.device}, "
-          f"{args.precision}, K=5 intervals, {args.rounds}x{args.steps} steps per method")
+          f"{args.precision}, K={args.intervals} intervals, {args.rounds}x{args.steps} steps per method")
     print_table(rows, ["method", "ms_per_step", "time_vs_vanilla", "images_per_s"])
     emit({"benchmark": "method_overhead", "model": args.model, "device": args.device, "batch": args.batch,
+          "intervals": args.intervals, "precision": args.precision,
           "time_vs_vanilla": {r["method"]: round(r["time_vs_vanilla"], 4) for r in rows},
           "ms_per_step": {r["method"]: round(r["ms_per_step"], 3) for r in rows}})
 

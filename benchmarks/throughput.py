@@ -105,11 +105,18 @@ def main() -> None:
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    rows = []
+    rows, failed = [], []
     for model in args.models.split(","):
         base = None
         for method in args.methods.split(","):
-            row = measure(model, method, args)
+            try:
+                row = measure(model, method, args)
+            except Exception as err:  # one failing row (OOM, a refused config) must not cost the others
+                failed.append(f"{model} {method}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+                print(f"FAILED {failed[-1]}", flush=True)
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                continue
             base = base or row["ms_per_step"]
             row["time_vs_vanilla"] = row["ms_per_step"] / base
             rows.append(row)
@@ -122,8 +129,10 @@ def main() -> None:
     print_table(rows, columns + (["mfu"] if args.peak_tflops else []))
     print(f"MFU against {args.peak_tflops:g} TFLOP/s dense bf16" if args.peak_tflops else
           "no MFU: no known peak for this device (give --peak-tflops)")
+    for line in failed:
+        print(f"failed: {line}")
     emit({"benchmark": "throughput", "device": name, "batch": args.batch, "precision": args.precision,
-          "peak_tflops": args.peak_tflops,
+          "peak_tflops": args.peak_tflops, "failed": failed,
           "rows": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]})
 
 
