@@ -23,7 +23,7 @@ across ranks like DDP's gradients.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 import torch.nn as nn
@@ -124,10 +124,11 @@ class GroupedGradientCapture:
                        runtime: Any, keep: bool = False) -> "LayerwiseTaskGradients":
         """Gram matrix of the interval gradients (averaged across ranks), layer by layer; ``keep``:
         hold each layer's K gradients for the update (see :class:`LayerwiseTaskGradients`)."""
-        mods = list(self.outputs)
+        groups = IntervalGroups(task, len(active))   # its host read waits for the forward pass only: the
+        mods = list(self.outputs)                    # backward and the per-layer loop are then queued at once
         deltas = torch.autograd.grad(total, [self.outputs[m] for m in mods], allow_unused=True)
         self.grads = {m: d for m, d in zip(mods, deltas) if d is not None}
-        return LayerwiseTaskGradients(self, task, active, runtime, keep=keep)
+        return LayerwiseTaskGradients(self, task, active, runtime, keep=keep, groups=groups)
 
     def _module_grads(self, module: nn.Module, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         g = self.grads.get(module)
@@ -214,14 +215,14 @@ class LayerwiseTaskGradients:
     pass."""
 
     def __init__(self, capture: GroupedGradientCapture, task: torch.Tensor, active: torch.Tensor, runtime: Any,
-                 keep: bool = False):
+                 keep: bool = False, groups: Optional[IntervalGroups] = None):
         self.task, self.runtime = task, runtime
         self.modules, self.params = capture.modules, capture.params
         self.inputs, self.grads = dict(capture.inputs), dict(capture.grads)     # kept past the capture's exit
         k = len(active)
         self.gram = torch.zeros(k, k, dtype=torch.float64, device=task.device)
         self.kept: dict[nn.Module, tuple[list[str], torch.Tensor]] = {}          # module -> (names, [K, P_layer])
-        groups = IntervalGroups(task, k)
+        groups = groups or IntervalGroups(task, k)
         mask = active.to(task.device)[:, None].float()
         owned = {id(p) for p in self.params}
         for module in self.modules:
@@ -282,17 +283,21 @@ class LayerwiseTaskGradients:
         write_gradient(flat, params)
 
     def _write_kept(self, weights: torch.Tensor) -> None:
-        grads: dict[int, torch.Tensor] = {}
+        """Each ``param.grad`` a view of its layer's weighted sum: no concatenation and no copy per
+        parameter (this runs after the Gram matrix was read, while the device waits for the host)."""
+        written: set[int] = set()
         w = weights.to(self.task.device, torch.float32)                                 # one copy, not one per layer
         for module, (names, flat) in self.kept.items():
             combined = w @ flat                                                         # [P_layer]
             offset = 0
             for name in names:
                 p = getattr(module, name)
-                grads[id(p)] = combined[offset:offset + p.numel()]
+                p.grad = combined[offset:offset + p.numel()].view_as(p).to(p.dtype)
+                written.add(id(p))
                 offset += p.numel()
-        write_gradient(torch.cat([grads.get(id(p), torch.zeros_like(p, dtype=torch.float32)).reshape(-1)
-                                  for p in self.params]), self.params)
+        for p in self.params:
+            if id(p) not in written:                                                    # no gradient reached it
+                p.grad = torch.zeros_like(p)
 
     def _weighted(self, module: nn.Module, g: torch.Tensor) -> dict[str, torch.Tensor]:
         a = self.inputs[module]
