@@ -32,16 +32,13 @@ __all__ = ["SumCombiner", "PCGradCombiner", "NashCombiner", "interval_gradients"
 
 
 def interval_gradients(task_loss: torch.Tensor, active: torch.Tensor, params: list[nn.Parameter],
-                       runtime: Any, capture: Optional[GroupedGradientCapture] = None,
-                       task: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[K, P] gradients of each interval's (surrogate) loss, averaged across ranks.
+                       runtime: Any) -> torch.Tensor:
+    """[K, P] gradients of each interval's (surrogate) loss, averaged across ranks: the fallback
+    for models the layer-wise path does not cover, and the tests' reference.
 
     One batched backward (``is_grads_batched``: a vmap over the K one-hot output gradients)
     instead of K sequential backward passes; rows of inactive intervals are zero.
     """
-    if capture is not None and task is not None and capture.usable():
-        grads = capture.gradients(task_loss.sum(), task, active)                       # one backward
-        return runtime.all_reduce(grads, op="mean") if runtime.world_size > 1 else grads
     k = len(task_loss)
     idx = torch.nonzero(active.to(task_loss.device)).flatten()
     grads = torch.zeros(k, sum(p.numel() for p in params), device=task_loss.device)     # [K, P]
